@@ -1,0 +1,123 @@
+"""The result type every metric returns, and the statistics that fill in its error bars."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Estimate:
+    """A number with its standard error and its cost.
+
+    Attributes:
+        value: the estimate (a Python float).
+        stderr: its standard error; ``None`` only for exact values.  For ratios it comes from
+            the jackknife over probes (see :func:`jackknife`); for Hutch++ it is conditional on the
+            sketch; for XTrace it is the method's own exchangeable error estimate.
+        jvp_passes / vjp_passes: forward- and reverse-mode AD passes spent (one pass = one
+            probe vector pushed through J or Jᵀ), including any pilot passes of ``method="auto"``.
+        num_probes: random probe vectors used (matvecs with the estimated operator).
+        method: the method that produced it (after ``"auto"`` resolved).
+        seconds: wall time of the call.
+        quantity: what was estimated (``"trace"``, ``"frobenius_norm"``, ...).
+        exact: whether ``value`` is exact up to rounding.
+        info: extra facts (why ``auto`` chose, which AD paths ran, bias-corrected value, ...).
+    """
+
+    value: float
+    stderr: float | None
+    jvp_passes: int
+    vjp_passes: int
+    num_probes: int
+    method: str
+    seconds: float
+    quantity: str = ""
+    exact: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passes(self) -> int:
+        """Total AD passes (JVP + VJP)."""
+        return self.jvp_passes + self.vjp_passes
+
+    @property
+    def rel_stderr(self) -> float | None:
+        if self.stderr is None:
+            return None
+        return self.stderr / abs(self.value) if self.value != 0 else math.inf
+
+    def ci(self, level: float = 0.95) -> tuple[float, float]:
+        """Normal-approximation confidence interval ``value ± z·stderr``."""
+        if self.stderr is None:
+            return (self.value, self.value)
+        from statistics import NormalDist
+
+        z = NormalDist().inv_cdf(0.5 + level / 2)
+        return (self.value - z * self.stderr, self.value + z * self.stderr)
+
+    def __float__(self) -> float:
+        return self.value
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["info"] = {k: v for k, v in self.info.items() if _jsonable(v)}
+        return d
+
+    def __str__(self) -> str:
+        err = "exact" if self.stderr is None else f"± {self.stderr:.4g}"
+        return (
+            f"{self.quantity or 'estimate'} = {self.value:.6g} {err} "
+            f"[{self.method}, {self.num_probes} probes, {self.jvp_passes} JVP + "
+            f"{self.vjp_passes} VJP passes, {self.seconds:.3g} s]"
+        )
+
+
+def _jsonable(v: Any) -> bool:
+    return isinstance(v, (str, int, float, bool, type(None), list, tuple, dict))
+
+
+def mean_stderr(samples: torch.Tensor) -> tuple[float, float]:
+    """Sample mean and its standard error (``std / √m``, unbiased variance)."""
+    x = samples.detach().to(torch.float64).reshape(-1)
+    m = x.numel()
+    if m == 0:
+        raise ValueError("no samples")
+    mean = float(x.mean())
+    se = float(x.std(unbiased=True) / math.sqrt(m)) if m > 1 else math.inf
+    return mean, se
+
+
+def jackknife(
+    samples: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], offset: torch.Tensor | None = None
+) -> tuple[float, float, float]:
+    """Delete-one jackknife of a smooth function of sample means.
+
+    ``samples`` is ``(m, k)``: per probe, k unbiased sample quantities.  ``fn`` maps a ``(..., k)``
+    tensor of means (plus the deterministic ``offset``, e.g. Hutch++'s exact part) to the
+    statistic.  Returns ``(plug-in value, jackknife stderr, bias-corrected value)``.
+    """
+    x = samples.detach().to(torch.float64)
+    m = x.shape[0]
+    off = torch.zeros(x.shape[1], dtype=torch.float64) if offset is None else offset.to(torch.float64)
+    total = x.sum(0)
+    full = float(fn(total / m + off))
+    if m < 2:
+        return full, math.inf, full
+    loo = (total - x) / (m - 1) + off
+    vals = fn(loo)
+    mean_loo = vals.mean()
+    se = math.sqrt(float((m - 1) / m * ((vals - mean_loo) ** 2).sum()))
+    return full, se, float(m * full - (m - 1) * mean_loo)
+
+
+def delta_sqrt(value: float, stderr: float) -> tuple[float, float]:
+    """``√x`` and its delta-method standard error ``se/(2√x)``."""
+    if value <= 0:
+        return math.sqrt(max(value, 0.0)), math.inf if value < 0 else stderr
+    r = math.sqrt(value)
+    return r, stderr / (2 * r)

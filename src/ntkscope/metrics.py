@@ -1,0 +1,544 @@
+"""The four NTK metrics — trace, Frobenius norm, effective rank, alignment — behind one signature.
+
+Every function takes the kernel(s) first, then ``method``, ``num_probes``, ``seed``, ``probes``
+and ``chunk_size``, and returns an :class:`~ntkscope.estimate.Estimate`.
+
+``num_probes`` is the number of random probe vectors of the underlying estimator: one AD pass
+each for the one-sided methods, one K-matvec (a VJP and a JVP) each for the two-sided ones;
+Hutch++ splits it into sketch, exact and residual thirds; XTrace uses half as test vectors.
+Composite metrics (effective rank, alignment) share probes between their parts wherever the
+method allows, so noise cancels in the ratio.
+
+Error bars: a delete-one jackknife over probes for every quantity (for a plain mean it equals
+``std/√m``; for U-statistics and ratios it also yields a bias-corrected value, reported in
+``info["bias_corrected"]``).  Ratios such as the effective rank are biased at small
+``num_probes`` (the bias is O(1/m)); square roots too (``frobenius_norm(squared=True)`` is
+unbiased).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import estimators as est
+from . import exact as ex
+from .estimate import Estimate
+from .operators import FactoredKernel, KernelOperator, NTK, as_operator
+from .probes import Probe, ProbeStream, parse_probe, resolve_seed
+
+__all__ = ["Method", "trace", "frobenius_norm", "effective_rank", "alignment", "target_alignment", "choose_method"]
+
+DEFAULT_PROBES = 100
+# The exact path for norms and ratios stores J (D×P) and a min(D,P)² Gram: cap it.
+EXACT_MAX_ENTRIES = 2 * 10**8
+
+
+class Method(str, enum.Enum):
+    """Estimation methods and their trade-offs.
+
+    * ``exact``: basis vectors through the smaller side, ``min(D, P)`` passes; no error.
+    * ``hutchinson``: ``E vᵀKv`` on K, 2 passes per probe; variance ``O(‖K‖_F²/m)``.
+    * ``hutchpp``: Hutch++ — sketch, deflate, Hutchinson on the rest; error ``O(1/m)`` for
+      decaying spectra, exact once the sketch spans K's range.  Best at high accuracy.
+    * ``xtrace``: XTrace/XNysTrace — every probe serves as sketch and as residual probe, with
+      its own exchangeable error estimate; needs both modes like Hutch++.
+    * ``vjp``: one-sided ``E‖Jᵀw‖²``, probes in R^D, reverse mode only, 1 pass per probe.
+    * ``jvp``: one-sided ``E‖Ju‖²``, probes in R^P, forward mode only, 1 pass per probe.
+      One-sided methods win at low budgets, most when D and P are far apart.
+    * ``vjp_proj`` / ``jvp_proj``: the paper's one-sided variants with a random projected block
+      of ``m // 6`` probe directions handled exactly (trace only).
+    * ``auto``: exact if that costs no more than the budget, else a one-sided method on the
+      side chosen by dimension, by which AD modes work and by measured pass cost.
+    """
+
+    EXACT = "exact"
+    HUTCHINSON = "hutchinson"
+    HUTCHPP = "hutchpp"
+    XTRACE = "xtrace"
+    VJP = "vjp"
+    JVP = "jvp"
+    VJP_PROJ = "vjp_proj"
+    JVP_PROJ = "jvp_proj"
+    AUTO = "auto"
+
+
+ONE_SIDED = {Method.VJP, Method.JVP, Method.VJP_PROJ, Method.JVP_PROJ}
+
+
+def _parse_method(method: str | Method) -> Method:
+    try:
+        return Method(method)
+    except ValueError:
+        choices = ", ".join(repr(m.value) for m in Method)
+        raise ValueError(f"unknown method {method!r}; choose one of {choices}") from None
+
+
+# -- combining parts into a value with a jackknife error ----------------------------------------
+
+
+@dataclass
+class Part:
+    """Components estimated from one probe set: values, and leave-one-probe-out values."""
+
+    full: torch.Tensor  # (k,)
+    loo: torch.Tensor | None = None  # (m, k); None for exact components
+
+    @staticmethod
+    def exact(*values: float) -> Part:
+        return Part(torch.tensor(values, dtype=torch.float64))
+
+    @staticmethod
+    def means(samples: torch.Tensor, offset: torch.Tensor | float = 0.0) -> Part:
+        """Components that are sample means (columns of ``samples``) plus exact offsets."""
+        x = samples.to(torch.float64)
+        if x.dim() == 1:
+            x = x[:, None]
+        m = x.shape[0]
+        total = x.sum(0)
+        off = torch.as_tensor(offset, dtype=torch.float64)
+        loo = (total - x) / (m - 1) + off if m > 1 else None
+        return Part(total / m + off, loo)
+
+    @staticmethod
+    def stack(*parts: tuple[torch.Tensor, torch.Tensor]) -> Part:
+        """Components given as (full, loo) pairs from the same probes."""
+        return Part(torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts], 1))
+
+
+def combine(parts: Sequence[Part], fn: Callable[[torch.Tensor], torch.Tensor]) -> tuple[float, float, float]:
+    """Value, jackknife standard error and bias-corrected value of ``fn(components)``.
+
+    Parts from independent probe sets contribute independent variances (summed); components
+    within a part share probes, so their covariance is captured.
+    """
+    full = torch.cat([p.full.reshape(-1) for p in parts])
+    value = float(fn(full))
+    var, bias = 0.0, 0.0
+    start = 0
+    for p in parts:
+        k = p.full.numel()
+        if p.loo is not None:
+            m = p.loo.shape[0]
+            X = full.repeat(m, 1)
+            X[:, start : start + k] = p.loo
+            vals = fn(X)
+            if m < 2 or not torch.isfinite(vals).all():
+                var = math.inf
+            else:
+                mv = vals.mean()
+                var += float((m - 1) / m * ((vals - mv) ** 2).sum())
+                bias += float((m - 1) * (mv - value))
+        start += k
+    return value, math.sqrt(var), value - bias
+
+
+# -- running a metric ----------------------------------------------------------------------
+
+
+@dataclass
+class _Ctx:
+    method: Method
+    m: int
+    seed: int
+    probes: Probe | None
+    chunk: int | None
+    info: dict[str, Any]
+
+    def stream(self, dim: int, dtype: torch.dtype, device: torch.device, stream: int = 0, default: Probe = Probe.RADEMACHER) -> ProbeStream:
+        return ProbeStream(dim, self.probes or default, self.seed, stream, dtype, device)
+
+
+def _prepare(
+    kernels: Sequence[Any], method: str | Method, num_probes: int | None, seed: Any, probes: str | Probe | None
+) -> tuple[list[KernelOperator], Method, int, int, Probe | None]:
+    m = _parse_method(method)
+    if num_probes is None:
+        num_probes = DEFAULT_PROBES
+    if isinstance(num_probes, bool) or not isinstance(num_probes, int):
+        raise TypeError(f"num_probes must be an int, got {type(num_probes).__name__}")
+    if num_probes < 1:
+        raise ValueError(f"num_probes must be >= 1, got {num_probes}")
+    ops = [as_operator(k) for k in kernels]
+    if m in ONE_SIDED:
+        for op in ops:
+            if not isinstance(op, FactoredKernel):
+                raise ValueError(
+                    f"method {m.value!r} is one-sided and needs the factor J (an ntkscope.NTK); "
+                    f"{type(op).__name__} only multiplies by K: use 'hutchinson', 'hutchpp' or 'xtrace'"
+                )
+    return ops, m, num_probes, resolve_seed(seed), parse_probe(probes) if probes is not None else None
+
+
+def _estimate(
+    quantity: str,
+    kernels: Sequence[Any],
+    method: str | Method,
+    num_probes: int | None,
+    seed: Any,
+    probes: str | Probe | None,
+    chunk_size: int | None,
+    body: Callable[[list[KernelOperator], _Ctx], tuple[list[Part], Callable[[torch.Tensor], torch.Tensor]]],
+    extra: dict[str, Any] | None = None,
+) -> Estimate:
+    t0 = time.perf_counter()
+    ops, meth, m, base, probe_kind = _prepare(kernels, method, num_probes, seed, probes)
+    distinct = list({id(o): o for o in ops}.values())
+    before = [o.counts() for o in distinct]
+    info: dict[str, Any] = dict(extra or {})
+    if meth is Method.AUTO:
+        meth, reason = choose_method(ops, quantity, m)
+        info["reason"] = reason
+    ctx = _Ctx(meth, m, base, probe_kind, chunk_size, info)
+    parts, fn = body(ops, ctx)
+    value, se, bc = combine(parts, fn)
+    if not math.isfinite(value):
+        raise ValueError(f"{quantity} is not finite ({value}); the kernel may be zero or the estimate degenerate")
+    after = [o.counts() for o in distinct]
+    jvps = sum(a[0] - b[0] for a, b in zip(after, before))
+    vjps = sum(a[1] - b[1] for a, b in zip(after, before))
+    mvs = sum(a[2] - b[2] for a, b in zip(after, before))
+    is_exact = meth is Method.EXACT
+    if not is_exact:
+        info["bias_corrected"] = bc
+    paths = {i: o.paths for i, o in enumerate(distinct) if isinstance(o, NTK)}
+    if paths:
+        info["paths"] = paths[0] if len(paths) == 1 else paths
+    if probe_kind is not None or not is_exact:
+        info.setdefault("probes", (probe_kind or Probe.RADEMACHER).value if meth is not Method.XTRACE else (probe_kind or Probe.SPHERE).value)
+    return Estimate(
+        value=value,
+        stderr=None if is_exact else se,
+        jvp_passes=jvps,
+        vjp_passes=vjps,
+        num_probes=0 if is_exact else int(info.pop("_probes", m)),
+        method=meth.value,
+        seconds=time.perf_counter() - t0,
+        quantity=quantity,
+        exact=is_exact,
+        info={"matvecs": mvs, **info},
+    )
+
+
+# -- choosing a method -------------------------------------------------------------------------
+
+
+def _side_for(op: FactoredKernel, modes: dict[str, bool]) -> tuple[str, str]:
+    if not modes["jvp"] and not modes["vjp"]:
+        raise RuntimeError("neither forward- nor reverse-mode AD works for this model")
+    if not modes["jvp"]:
+        return "vjp", "forward-mode AD is unavailable for this model"
+    if not modes["vjp"]:
+        return "jvp", "reverse-mode AD is unavailable for this model"
+    D, P = op.dim, op.num_params
+    small, big = ("vjp", "jvp") if D <= P else ("jvp", "vjp")
+    why = f"D={D} {'≤' if D <= P else '>'} P={P}: the {small.upper()} side's probe space is smaller"
+    if isinstance(op, NTK):
+        t_small, t_big = op.pass_seconds(small), op.pass_seconds(big)
+        if t_big * 3 < t_small:
+            return big, f"a {big.upper()} pass measured {t_small / t_big:.1f}× cheaper than a {small.upper()} pass"
+        why += f" (measured {small.upper()} {t_small * 1e3:.3g} ms/pass, {big.upper()} {t_big * 1e3:.3g} ms/pass)"
+    return small, why
+
+
+def choose_method(ops: Sequence[KernelOperator], quantity: str, num_probes: int) -> tuple[Method, str]:
+    """What ``method="auto"`` picks for these kernels, and why."""
+    if not all(isinstance(o, FactoredKernel) for o in ops):
+        n = ops[0].dim
+        if n <= num_probes:
+            return Method.EXACT, f"dim {n} ≤ budget {num_probes}: the exact kernel is cheaper"
+        return Method.HUTCHPP, "only K-matvecs are available (no factor J): Hutch++ is the safe two-sided choice"
+    fops = [o for o in ops if isinstance(o, FactoredKernel)]
+    exact_passes = sum(min(o.dim, o.num_params) for o in fops)
+    entries = sum(o.dim * o.num_params for o in fops)
+    if exact_passes <= num_probes * len(fops) and (quantity == "trace" or entries <= EXACT_MAX_ENTRIES):
+        return Method.EXACT, f"the exact value costs {exact_passes} passes, no more than the {num_probes * len(fops)}-pass budget"
+    modes = {"jvp": True, "vjp": True}
+    for o in fops:
+        mo = o.modes()
+        modes = {k: modes[k] and mo[k] for k in modes}
+    side, why = _side_for(fops[0], modes)
+    return (Method.VJP if side == "vjp" else Method.JVP), f"one-sided {side.upper()}: {why}"
+
+
+# -- shared building blocks ---------------------------------------------------------------------
+
+
+def _onesided_vectors(op: FactoredKernel, side: str, ctx: _Ctx, stream_id: int = est.MAIN) -> torch.Tensor:
+    if ctx.probes is Probe.ORTHOGONAL:
+        raise ValueError("one-sided norms and ratios need independent probes; orthogonal probes are dependent")
+    stream = ctx.stream(est.probe_dim(op, side), op.dtype, op.device, stream_id)
+    return est.onesided(op, side, stream.columns, ctx.m, keep=True, chunk_size=ctx.chunk).to(torch.float64)
+
+
+def _gram(A: torch.Tensor, B: torch.Tensor | None = None) -> torch.Tensor:
+    return (A @ (A if B is None else B).T).cpu()
+
+
+def _xtrace_part(matmat: Callable[[torch.Tensor], torch.Tensor], op: KernelOperator, ctx: _Ctx, stream_id: int, psd: bool) -> Part:
+    stream = ctx.stream(op.dim, op.dtype, op.device, stream_id, default=Probe.SPHERE)
+    chunk = ctx.chunk or int(getattr(op, "chunk_size", 64))
+    fn = est.xnystrace_samples if psd else est.xtrace_samples
+    ctx.info.setdefault("variants", []).append("xnystrace" if psd else "xtrace")
+    return Part.means(fn(matmat, stream, ctx.m, op.dtype, chunk))
+
+
+def _trace_part(op: KernelOperator, ctx: _Ctx) -> Part:
+    meth = ctx.method
+    if meth is Method.EXACT:
+        return Part.exact(ex.exact_trace(op))
+    if meth is Method.HUTCHINSON:
+        g = est.hutchinson_grams([op], ctx.stream(op.dim, op.dtype, op.device), ctx.m, ctx.chunk)
+        return Part.means(g[:, 0, 1])
+    if meth is Method.HUTCHPP:
+        r = est.hutchpp_grams([op], ctx.stream(op.dim, op.dtype, op.device), ctx.m, ctx.chunk)
+        ctx.info["sketch_size"] = r.sketch_size
+        return Part.means(r.residual[:, 0, 1], r.exact[0, 1])
+    if meth is Method.XTRACE:
+        return _xtrace_part(op.matmat, op, ctx, est.MAIN, psd=isinstance(op, FactoredKernel))
+    assert isinstance(op, FactoredKernel)
+    side = "vjp" if meth in (Method.VJP, Method.VJP_PROJ) else "jvp"
+    stream = ctx.stream(est.probe_dim(op, side), op.dtype, op.device)
+    if meth in (Method.VJP_PROJ, Method.JVP_PROJ):
+        exact_part, resid, q = est.onesided_projected_trace(op, side, stream, ctx.m, ctx.chunk)
+        ctx.info["projected_block"] = q
+        return Part.means(resid, exact_part)
+    return Part.means(est.onesided(op, side, stream.columns, ctx.m, keep=False, chunk_size=ctx.chunk))
+
+
+def _sq(op: KernelOperator) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda V: op.matmat(op.matmat(V))
+
+
+def _frob_and_trace_parts(op: KernelOperator, ctx: _Ctx, need_trace: bool) -> list[Part]:
+    """Parts whose components are [tr K, ‖K‖_F²] (or just [‖K‖_F²])."""
+    meth = ctx.method
+    sel = [0, 1] if need_trace else [1]
+    if meth is Method.EXACT:
+        vals = [ex.exact_trace(op), ex.exact_frobenius_sq(op)]
+        return [Part.exact(*(vals[i] for i in sel))]
+    if meth is Method.HUTCHINSON:
+        g = est.hutchinson_grams([op], ctx.stream(op.dim, op.dtype, op.device), ctx.m, ctx.chunk)
+        return [Part.means(torch.stack([g[:, 0, 1], g[:, 1, 1]], 1)[:, sel])]
+    if meth is Method.HUTCHPP:
+        r = est.hutchpp_grams([op], ctx.stream(op.dim, op.dtype, op.device), ctx.m, ctx.chunk)
+        ctx.info["sketch_size"] = r.sketch_size
+        samples = torch.stack([r.residual[:, 0, 1], r.residual[:, 1, 1]], 1)[:, sel]
+        return [Part.means(samples, torch.stack([r.exact[0, 1], r.exact[1, 1]])[sel])]
+    if meth is Method.XTRACE:
+        parts = [_xtrace_part(op.matmat, op, ctx, est.MAIN, psd=True)] if need_trace else []
+        return parts + [_xtrace_part(_sq(op), op, ctx, est.SECOND, psd=True)]
+    if meth in (Method.VJP, Method.JVP):
+        assert isinstance(op, FactoredKernel)
+        A = _onesided_vectors(op, meth.value, ctx)
+        G = _gram(A)
+        comps = [est.mean_loo(G.diagonal())] if need_trace else []
+        return [Part.stack(*comps, est.pair_mean_loo(G**2))]
+    raise ValueError(f"method {meth.value!r} estimates only the trace; use 'vjp' or 'jvp' for norms and ratios")
+
+
+# -- public metrics ------------------------------------------------------------------------------
+
+
+def trace(
+    K: Any,
+    method: str | Method = "auto",
+    num_probes: int | None = None,
+    seed: int | torch.Generator | None = None,
+    probes: str | Probe | None = None,
+    chunk_size: int | None = None,
+) -> Estimate:
+    """``tr K`` — for an NTK, ``‖J‖_F²``, the sum of its eigenvalues.
+
+    One-sided methods need one AD mode only: ``tr K = E‖Jᵀw‖² = E‖Ju‖²`` (Hazelden 2025).
+    """
+
+    def body(ops: list[KernelOperator], ctx: _Ctx) -> tuple[list[Part], Callable[[torch.Tensor], torch.Tensor]]:
+        return [_trace_part(ops[0], ctx)], lambda x: x[..., 0]
+
+    return _estimate("trace", [K], method, num_probes, seed, probes, chunk_size, body)
+
+
+def frobenius_norm(
+    K: Any,
+    method: str | Method = "auto",
+    num_probes: int | None = None,
+    seed: int | torch.Generator | None = None,
+    probes: str | Probe | None = None,
+    chunk_size: int | None = None,
+    *,
+    squared: bool = False,
+) -> Estimate:
+    """``‖K‖_F`` (or ``‖K‖_F² = tr K²`` with ``squared=True``, then unbiased).
+
+    Two-sided: ``E‖Kv‖²`` (Hutchinson), Hutch++ on K², XNysTrace on K².  One-sided: the
+    U-statistic ``mean_{i≠j} (w_iᵀ K w_j)²`` over the Gram of ``Jᵀw_i`` (VJP) or of ``Ju_i``
+    (JVP, with ``‖JᵀJ‖_F = ‖K‖_F``): every pair of probes is a sample, from one pass per probe.
+    """
+
+    def body(ops: list[KernelOperator], ctx: _Ctx) -> tuple[list[Part], Callable[[torch.Tensor], torch.Tensor]]:
+        parts = _frob_and_trace_parts(ops[0], ctx, need_trace=False)
+        if squared:
+            return parts, lambda x: x[..., 0]
+        return parts, lambda x: torch.sqrt(x[..., 0].clamp(min=0))
+
+    return _estimate("frobenius_norm_sq" if squared else "frobenius_norm", [K], method, num_probes, seed, probes, chunk_size, body)
+
+
+def _nonzero(x: torch.Tensor, what: str) -> torch.Tensor:
+    if float(x) <= 0:
+        raise ValueError(f"{what} is zero: the kernel vanishes (e.g. zero parameters or a constant state), so the ratio is undefined")
+    return x
+
+
+def effective_rank(
+    K: Any,
+    method: str | Method = "auto",
+    num_probes: int | None = None,
+    seed: int | torch.Generator | None = None,
+    probes: str | Probe | None = None,
+    chunk_size: int | None = None,
+) -> Estimate:
+    """Participation-ratio effective rank ``(tr K)² / ‖K‖_F²`` (between 1 and rank K).
+
+    Trace and norm come from the same probes (shared products), so their noise is correlated
+    and partly cancels.  Biased at small budgets; ``info["bias_corrected"]`` holds the jackknife
+    correction.
+    """
+
+    def body(ops: list[KernelOperator], ctx: _Ctx) -> tuple[list[Part], Callable[[torch.Tensor], torch.Tensor]]:
+        parts = _frob_and_trace_parts(ops[0], ctx, need_trace=True)
+        full = torch.cat([p.full for p in parts])
+        _nonzero(full[1], "the Frobenius norm estimate")
+        return parts, lambda x: x[..., 0] ** 2 / x[..., 1]
+
+    return _estimate("effective_rank", [K], method, num_probes, seed, probes, chunk_size, body)
+
+
+def alignment(
+    K1: Any,
+    K2: Any,
+    method: str | Method = "auto",
+    num_probes: int | None = None,
+    seed: int | torch.Generator | None = None,
+    probes: str | Probe | None = None,
+    chunk_size: int | None = None,
+    *,
+    check_inputs: bool = True,
+) -> Estimate:
+    """Kernel alignment ``⟨K1, K2⟩_F / (‖K1‖_F ‖K2‖_F)`` (uncentred cosine, in [0, 1] for PSD).
+
+    Both kernels must be over the same inputs (same state dimension; for two NTKs the inputs
+    are compared unless ``check_inputs=False``).  Probes are shared between numerator and norms.
+    One-sided VJP: ``mean_{i≠j} (w_iᵀK1w_j)(w_iᵀK2w_j)`` with shared w.  One-sided JVP:
+    ``mean_{i,j} ((J1u_i)·(J2v_j))² = tr(K1K2)`` with independent u, v (P1 ≠ P2 allowed).
+    """
+    o1, o2 = as_operator(K1), as_operator(K2)
+    if o1.dim != o2.dim:
+        raise ValueError(f"alignment needs kernels over the same inputs: state dimensions differ ({o1.dim} vs {o2.dim})")
+    if check_inputs and isinstance(o1, FactoredKernel) and isinstance(o2, FactoredKernel) and o1.same_inputs(o2) is False:
+        raise ValueError("alignment needs kernels over the same inputs: the two NTKs were built on different inputs")
+
+    def body(ops: list[KernelOperator], ctx: _Ctx) -> tuple[list[Part], Callable[[torch.Tensor], torch.Tensor]]:
+        a, b = ops
+        meth = ctx.method
+        if meth is Method.EXACT:
+            parts = [Part.exact(ex.exact_inner(a, b), ex.exact_frobenius_sq(a), ex.exact_frobenius_sq(b))]
+        elif meth in (Method.HUTCHINSON, Method.HUTCHPP):
+            stream = ctx.stream(a.dim, a.dtype, a.device)
+            if meth is Method.HUTCHINSON:
+                g = est.hutchinson_grams([a, b], stream, ctx.m, ctx.chunk)
+                parts = [Part.means(torch.stack([g[:, 1, 2], g[:, 1, 1], g[:, 2, 2]], 1))]
+            else:
+                r = est.hutchpp_grams([a, b], stream, ctx.m, ctx.chunk)
+                ctx.info["sketch_size"] = r.sketch_size
+                g, e = r.residual, r.exact
+                parts = [Part.means(torch.stack([g[:, 1, 2], g[:, 1, 1], g[:, 2, 2]], 1), torch.stack([e[1, 2], e[1, 1], e[2, 2]]))]
+        elif meth is Method.XTRACE:
+            parts = [
+                _xtrace_part(lambda V: a.matmat(b.matmat(V)), a, ctx, est.MAIN, psd=False),
+                _xtrace_part(_sq(a), a, ctx, est.SECOND, psd=True),
+                _xtrace_part(_sq(b), b, ctx, est.SECOND + 1, psd=True),
+            ]
+        elif meth is Method.VJP:
+            assert isinstance(a, FactoredKernel) and isinstance(b, FactoredKernel)
+            G1, G2 = _gram(_onesided_vectors(a, "vjp", ctx)), _gram(_onesided_vectors(b, "vjp", ctx))
+            parts = [Part.stack(est.pair_mean_loo(G1 * G2), est.pair_mean_loo(G1**2), est.pair_mean_loo(G2**2))]
+        elif meth is Method.JVP:
+            assert isinstance(a, FactoredKernel) and isinstance(b, FactoredKernel)
+            B1, B2 = _onesided_vectors(a, "jvp", ctx), _onesided_vectors(b, "jvp", ctx, est.SECOND)
+            C = _gram(B1, B2)
+            parts = [
+                Part.stack(est.pair_mean_loo(C**2, independent_diag=True), est.pair_mean_loo(_gram(B1) ** 2), est.pair_mean_loo(_gram(B2) ** 2))
+            ]
+        else:
+            raise ValueError(f"method {meth.value!r} estimates only the trace; use 'vjp' or 'jvp' for alignment")
+        full = torch.cat([p.full for p in parts])
+        _nonzero(full[1], "the Frobenius norm of K1")
+        _nonzero(full[2], "the Frobenius norm of K2")
+        return parts, lambda x: x[..., 0] / torch.sqrt(x[..., 1] * x[..., 2])
+
+    return _estimate("alignment", [o1, o2], method, num_probes, seed, probes, chunk_size, body)
+
+
+def _as_targets(targets: Any, op: KernelOperator) -> torch.Tensor:
+    y = torch.as_tensor(targets)
+    shape = getattr(op, "state_shape", (op.dim,))
+    if not y.is_floating_point():
+        # class labels: one-hot over the last state axis, e.g. (B,) labels for (B, C) logits
+        if len(shape) >= 2 and y.shape == tuple(shape[:-1]):
+            if y.min() < 0 or y.max() >= shape[-1]:
+                raise ValueError(f"class labels must lie in [0, {shape[-1]}), got range [{int(y.min())}, {int(y.max())}]")
+            y = torch.nn.functional.one_hot(y.long(), shape[-1])
+        y = y.to(op.dtype)
+    if y.numel() != op.dim:
+        raise ValueError(
+            f"targets of shape {tuple(y.shape)} do not match the state of shape {tuple(shape)} ({op.dim} numbers)"
+        )
+    y = y.reshape(-1).to(device=op.device, dtype=op.dtype)
+    if not torch.isfinite(y).all():
+        raise ValueError("targets contain non-finite values")
+    if float(y.square().sum()) == 0:
+        raise ValueError("targets are all zero: the target alignment is undefined")
+    return y
+
+
+def target_alignment(
+    K: Any,
+    targets: Any,
+    method: str | Method = "auto",
+    num_probes: int | None = None,
+    seed: int | torch.Generator | None = None,
+    probes: str | Probe | None = None,
+    chunk_size: int | None = None,
+) -> Estimate:
+    """Kernel–target alignment ``yᵀKy / (‖K‖_F ‖y‖²)`` (alignment of K with ``y yᵀ``).
+
+    ``targets`` has the state's shape (or D numbers; integer class labels are one-hot encoded
+    over the last state axis).  The numerator is exact (``‖Jᵀy‖²``: one VJP; one matvec for a
+    plain operator) except for ``method="jvp"``, which estimates it from the same JVPs as the
+    norm (``E (yᵀJu)² = yᵀKy``) so that no reverse pass is needed.
+    """
+    op0 = as_operator(K)
+    y = _as_targets(targets, op0)
+    ynorm2 = float(y.double().square().sum())
+
+    def body(ops: list[KernelOperator], ctx: _Ctx) -> tuple[list[Part], Callable[[torch.Tensor], torch.Tensor]]:
+        op = ops[0]
+        if ctx.method is Method.JVP:
+            assert isinstance(op, FactoredKernel)
+            B = _onesided_vectors(op, "jvp", ctx)
+            parts = [Part.stack(est.mean_loo((B @ y.double()).square().cpu()), est.pair_mean_loo(_gram(B) ** 2))]
+        else:
+            parts = [Part.exact(ex.exact_quadratic(op, y))] + _frob_and_trace_parts(op, ctx, need_trace=False)
+        full = torch.cat([p.full for p in parts])
+        _nonzero(full[1], "the Frobenius norm estimate")
+        return parts, lambda x: x[..., 0] / (torch.sqrt(x[..., 1]) * ynorm2)
+
+    return _estimate("target_alignment", [op0], method, num_probes, seed, probes, chunk_size, body)
