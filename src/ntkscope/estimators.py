@@ -65,9 +65,7 @@ def _gram_rows(vectors: Sequence[torch.Tensor]) -> torch.Tensor:
 # -- two-sided -------------------------------------------------------------------------------
 
 
-def hutchinson_grams(
-    ops: Sequence[KernelOperator], stream: ProbeStream, m: int, chunk_size: int | None = None
-) -> torch.Tensor:
+def hutchinson_grams(ops: Sequence[KernelOperator], stream: ProbeStream, m: int, chunk_size: int | None = None) -> torch.Tensor:
     """Hutchinson: per probe v, ``Gram([v, K₁v, …])`` → ``(m, k+1, k+1)``.
 
     ``mean[:, 0, a]`` is unbiased for ``tr K_a`` and ``mean[:, a, b]`` for ``tr(K_a K_b)``
@@ -103,9 +101,7 @@ def hutchpp_split(m: int, num_ops: int = 1) -> tuple[int, int]:
     return q, m - share - q
 
 
-def hutchpp_grams(
-    ops: Sequence[KernelOperator], stream: ProbeStream, m: int, chunk_size: int | None = None
-) -> HutchppResult:
+def hutchpp_grams(ops: Sequence[KernelOperator], stream: ProbeStream, m: int, chunk_size: int | None = None) -> HutchppResult:
     """Hutch++ for ``tr K_a`` and ``tr(K_a K_b)`` at once.
 
     Sketch Y = [K₁S₁, …] (q columns in all), Q = orth(Y); exact part ``Σ Gram([q, K₁q, …])``
@@ -120,14 +116,14 @@ def hutchpp_grams(
     share = q // k
     sketch = stream.child(SKETCH)
 
-    # operator a sketches its own columns [a*share, (a+1)*share) of the sketch stream
-    Y = torch.cat(
-        [
-            map_probes(share, chunk, lambda s, e, a=a: ops[a].matmat(sketch.columns(a * share + s, a * share + e)).T)
-            for a in range(k)
-        ],
-        0,
-    ).T
+    def sketch_rows(a: int) -> torch.Tensor:
+        # operator a sketches its own columns [a*share, (a+1)*share) of the sketch stream
+        def fn(s: int, e: int) -> torch.Tensor:
+            return ops[a].matmat(sketch.columns(a * share + s, a * share + e)).T
+
+        return map_probes(share, chunk, fn)
+
+    Y = torch.cat([sketch_rows(a) for a in range(k)], 0).T
     Q, _ = torch.linalg.qr(Y.to(torch.float64))
     Q = Q.to(ops[0].dtype)
 
@@ -206,17 +202,7 @@ def xtrace_samples(
     dWHW = _diag_prod(W, HW)
     dSRmHW = _diag_prod(S, R - HW)
     dTmHRS = _diag_prod(T - H.T @ W, S)
-    ests = (
-        torch.trace(H)
-        - dSHS
-        + dOmY
-        - dWR
-        - dTW
-        + dWHW
-        + dSW * dSRmHW
-        + dSW**2 * dSHS
-        + dTmHRS * dSW
-    )
+    ests = torch.trace(H) - dSHS + dOmY - dWR - dTW + dWHW + dSW * dSRmHW + dSW**2 * dSHS + dTmHRS * dSW
     return ests.cpu()
 
 

@@ -30,7 +30,7 @@ import torch
 from . import estimators as est
 from . import exact as ex
 from .estimate import Estimate
-from .operators import FactoredKernel, KernelOperator, NTK, as_operator
+from .operators import NTK, FactoredKernel, KernelOperator, as_operator
 from .probes import Probe, ProbeStream, parse_probe, resolve_seed
 
 __all__ = ["Method", "trace", "frobenius_norm", "effective_rank", "alignment", "target_alignment", "choose_method"]
@@ -151,7 +151,9 @@ class _Ctx:
     chunk: int | None
     info: dict[str, Any]
 
-    def stream(self, dim: int, dtype: torch.dtype, device: torch.device, stream: int = 0, default: Probe = Probe.RADEMACHER) -> ProbeStream:
+    def stream(
+        self, dim: int, dtype: torch.dtype, device: torch.device, stream: int = 0, default: Probe = Probe.RADEMACHER
+    ) -> ProbeStream:
         return ProbeStream(dim, self.probes or default, self.seed, stream, dtype, device)
 
 
@@ -211,7 +213,9 @@ def _estimate(
     if paths:
         info["paths"] = paths[0] if len(paths) == 1 else paths
     if probe_kind is not None or not is_exact:
-        info.setdefault("probes", (probe_kind or Probe.RADEMACHER).value if meth is not Method.XTRACE else (probe_kind or Probe.SPHERE).value)
+        info.setdefault(
+            "probes", (probe_kind or Probe.RADEMACHER).value if meth is not Method.XTRACE else (probe_kind or Probe.SPHERE).value
+        )
     return Estimate(
         value=value,
         stderr=None if is_exact else se,
@@ -281,7 +285,9 @@ def _gram(A: torch.Tensor, B: torch.Tensor | None = None) -> torch.Tensor:
     return (A @ (A if B is None else B).T).cpu()
 
 
-def _xtrace_part(matmat: Callable[[torch.Tensor], torch.Tensor], op: KernelOperator, ctx: _Ctx, stream_id: int, psd: bool) -> Part:
+def _xtrace_part(
+    matmat: Callable[[torch.Tensor], torch.Tensor], op: KernelOperator, ctx: _Ctx, stream_id: int, psd: bool
+) -> Part:
     stream = ctx.stream(op.dim, op.dtype, op.device, stream_id, default=Probe.SPHERE)
     chunk = ctx.chunk or int(getattr(op, "chunk_size", 64))
     fn = est.xnystrace_samples if psd else est.xtrace_samples
@@ -388,12 +394,16 @@ def frobenius_norm(
             return parts, lambda x: x[..., 0]
         return parts, lambda x: torch.sqrt(x[..., 0].clamp(min=0))
 
-    return _estimate("frobenius_norm_sq" if squared else "frobenius_norm", [K], method, num_probes, seed, probes, chunk_size, body)
+    return _estimate(
+        "frobenius_norm_sq" if squared else "frobenius_norm", [K], method, num_probes, seed, probes, chunk_size, body
+    )
 
 
 def _nonzero(x: torch.Tensor, what: str) -> torch.Tensor:
     if float(x) <= 0:
-        raise ValueError(f"{what} is zero: the kernel vanishes (e.g. zero parameters or a constant state), so the ratio is undefined")
+        raise ValueError(
+            f"{what} is zero: the kernel vanishes (e.g. zero parameters or a constant state), so the ratio is undefined"
+        )
     return x
 
 
@@ -459,7 +469,9 @@ def alignment(
                 r = est.hutchpp_grams([a, b], stream, ctx.m, ctx.chunk)
                 ctx.info["sketch_size"] = r.sketch_size
                 g, e = r.residual, r.exact
-                parts = [Part.means(torch.stack([g[:, 1, 2], g[:, 1, 1], g[:, 2, 2]], 1), torch.stack([e[1, 2], e[1, 1], e[2, 2]]))]
+                parts = [
+                    Part.means(torch.stack([g[:, 1, 2], g[:, 1, 1], g[:, 2, 2]], 1), torch.stack([e[1, 2], e[1, 1], e[2, 2]]))
+                ]
         elif meth is Method.XTRACE:
             parts = [
                 _xtrace_part(lambda V: a.matmat(b.matmat(V)), a, ctx, est.MAIN, psd=False),
@@ -475,7 +487,11 @@ def alignment(
             B1, B2 = _onesided_vectors(a, "jvp", ctx), _onesided_vectors(b, "jvp", ctx, est.SECOND)
             C = _gram(B1, B2)
             parts = [
-                Part.stack(est.pair_mean_loo(C**2, independent_diag=True), est.pair_mean_loo(_gram(B1) ** 2), est.pair_mean_loo(_gram(B2) ** 2))
+                Part.stack(
+                    est.pair_mean_loo(C**2, independent_diag=True),
+                    est.pair_mean_loo(_gram(B1) ** 2),
+                    est.pair_mean_loo(_gram(B2) ** 2),
+                )
             ]
         else:
             raise ValueError(f"method {meth.value!r} estimates only the trace; use 'vjp' or 'jvp' for alignment")
@@ -498,9 +514,7 @@ def _as_targets(targets: Any, op: KernelOperator) -> torch.Tensor:
             y = torch.nn.functional.one_hot(y.long(), shape[-1])
         y = y.to(op.dtype)
     if y.numel() != op.dim:
-        raise ValueError(
-            f"targets of shape {tuple(y.shape)} do not match the state of shape {tuple(shape)} ({op.dim} numbers)"
-        )
+        raise ValueError(f"targets of shape {tuple(y.shape)} do not match the state of shape {tuple(shape)} ({op.dim} numbers)")
     y = y.reshape(-1).to(device=op.device, dtype=op.dtype)
     if not torch.isfinite(y).all():
         raise ValueError("targets contain non-finite values")

@@ -286,6 +286,8 @@ class NTK(FactoredKernel):
     ``params={n: p.detach().clone() ...}`` to pin a point.
     """
 
+    model: nn.Module | None
+
     def __init__(
         self,
         model: nn.Module,
@@ -486,7 +488,7 @@ class NTK(FactoredKernel):
 
         def double_vjp(*tangents: torch.Tensor) -> torch.Tensor:
             w0 = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
-            _, vjp2 = vjp(lambda w: vjp(self._f, *self.primals)[1](w), w0)
+            vjp2 = vjp(lambda w: vjp(self._f, *self.primals)[1](w), w0)[1]
             return vjp2(tangents)[0]
 
         def impl(path: _Path, chunk: torch.Tensor) -> torch.Tensor:
@@ -599,8 +601,7 @@ def _select_params(
                 raise ValueError("params must hold parameter names or the model's own parameters")
     if not names:
         raise ValueError(
-            f"{type(model).__name__} has no trainable parameters (none with requires_grad=True); "
-            "pass params= to choose some"
+            f"{type(model).__name__} has no trainable parameters (none with requires_grad=True); pass params= to choose some"
         )
     primals = [overrides.get(n, named[n].detach()) for n in names]
     fixed = {n: p.detach() for n, p in named.items() if n not in names}
@@ -614,11 +615,7 @@ def _analysis_module(model: nn.Module) -> nn.Module:
     place; torch.func cannot trace the in-place update, and the user's buffers must not move.
     The copy shares every parameter and buffer tensor (no memory) and only rebinds attributes.
     """
-    norms = [
-        m
-        for m in model.modules()
-        if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats
-    ]
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats]
     if not norms:
         return model
     memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}

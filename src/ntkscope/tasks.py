@@ -68,7 +68,9 @@ def flipflop(
     return inputs, targets
 
 
-def mlp(sizes: list[int], *, activation: type[nn.Module] = nn.Tanh, seed: int = 0, final_activation: bool = False) -> nn.Sequential:
+def mlp(
+    sizes: list[int], *, activation: type[nn.Module] = nn.Tanh, seed: int = 0, final_activation: bool = False
+) -> nn.Sequential:
     """A plain MLP ``sizes[0] → … → sizes[-1]`` with seeded initialisation."""
     torch.manual_seed(seed)
     layers: list[nn.Module] = []
