@@ -9,10 +9,12 @@ Public API (the contract other tools build on):
 * :class:`Method` and :class:`Probe` — the documented choices.
 """
 
+from .adaptive import ConvergenceWarning
 from .estimate import Estimate
 from .metrics import Method, alignment, choose_method, effective_rank, frobenius_norm, target_alignment, trace
 from .operators import NTK, CallableOperator, DenseOperator, FactoredKernel, KernelOperator, as_operator
 from .probes import Probe
+from .spectrum import entropy_effective_rank, spectral_density, top_eigenvalues
 
 __version__ = "0.1.0"
 
@@ -32,4 +34,8 @@ __all__ = [
     "DenseOperator",
     "CallableOperator",
     "as_operator",
+    "ConvergenceWarning",
+    "top_eigenvalues",
+    "spectral_density",
+    "entropy_effective_rank",
 ]

@@ -1,3 +1,6 @@
+"""``python -m ntkscope``: the command line (see :mod:`ntkscope.cli`)."""
+
 from .cli import main
 
-main()
+if __name__ == "__main__":
+    main()

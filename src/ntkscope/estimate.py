@@ -27,6 +27,8 @@ class Estimate:
         quantity: what was estimated (``"trace"``, ``"frobenius_norm"``, ...).
         exact: whether ``value`` is exact up to rounding.
         info: extra facts (why ``auto`` chose, which AD paths ran, bias-corrected value, ...).
+        converged: with ``rtol=``/``atol=``, whether ``stderr`` met the tolerance before the pass
+            budget ended; ``None`` when no tolerance was asked for.
     """
 
     value: float
@@ -39,6 +41,8 @@ class Estimate:
     quantity: str = ""
     exact: bool = False
     info: dict[str, Any] = field(default_factory=dict)
+    #: With ``rtol``/``atol``: whether the error estimate met the tolerance (None: no tolerance).
+    converged: bool | None = None
 
     @property
     def passes(self) -> int:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextvars
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -32,6 +33,7 @@ from .probes import Probe, ProbeStream
 MAIN, SKETCH, RESIDUAL, SECOND = 0, 1, 2, 3
 
 ProbeFn = Callable[[int, int], torch.Tensor]
+_T = TypeVar("_T")
 Executor = Callable[[int, int, ProbeFn], torch.Tensor]
 
 
@@ -47,7 +49,23 @@ EXECUTOR: contextvars.ContextVar[Executor] = contextvars.ContextVar("ntkscope_ex
 
 
 def map_probes(m: int, chunk: int, fn: ProbeFn) -> torch.Tensor:
-    return EXECUTOR.get()(m, max(1, chunk), fn)
+    return current_executor()(m, max(1, chunk), fn)
+
+
+def current_executor() -> Executor:
+    """The executor set in :data:`EXECUTOR`; if none was, probe-parallel over the initialised world."""
+    ex = EXECUTOR.get()
+    if ex is local_executor and torch.distributed.is_available() and torch.distributed.is_initialized():
+        from .distributed import default_executor
+
+        ex = default_executor()
+    return ex
+
+
+def agree(value: _T) -> _T:
+    """The first rank's ``value`` when probes are split over processes (choices must match)."""
+    fn = getattr(current_executor(), "agree", None)
+    return fn(value) if fn is not None else value  # type: ignore[no-any-return]
 
 
 def _chunk(ops: Sequence[KernelOperator], chunk_size: int | None) -> int:
@@ -158,6 +176,12 @@ def _gather_cols(matmat: Callable[[torch.Tensor], torch.Tensor], X: torch.Tensor
     return rows.T
 
 
+def _require_independent(stream: ProbeStream, what: str) -> None:
+    # each leave-one-out estimate needs ω_i independent of the others; orthogonal blocks are not
+    if stream.kind is Probe.ORTHOGONAL:
+        raise ValueError(f"{what} needs independent probes; orthogonal probes are dependent (use 'sphere' or 'gaussian')")
+
+
 def xtrace_samples(
     matmat: Callable[[torch.Tensor], torch.Tensor],
     stream: ProbeStream,
@@ -173,6 +197,7 @@ def xtrace_samples(
     """
     k = m // 2
     n = stream.dim
+    _require_independent(stream, "XTrace")
     if k < 2:
         raise ValueError(f"XTrace needs num_probes >= 4 (two test vectors), got {m}")
     if k >= n:
@@ -215,18 +240,33 @@ def xnystrace_samples(
 ) -> torch.Tensor:
     """XNysTrace: the Nyström variant of XTrace for PSD operators; m matvecs, m estimates."""
     n = stream.dim
+    _require_independent(stream, "XNysTrace")
     if m < 2:
         raise ValueError(f"XNysTrace needs num_probes >= 2, got {m}")
     if m >= n:
         raise ValueError(f"XNysTrace needs fewer than {n} probes for a {n}×{n} operator; use method='exact'")
     Om = stream.columns(0, m).to(torch.float64)
     Y = _gather_cols(lambda X: matmat(X.to(dtype)), Om, chunk).to(torch.float64)
+    # The shift ν makes Ωᵀ(A + νI)Ω numerically positive definite; the estimate is of
+    # tr(A + νI) − νn, so any ν > 0 keeps it unbiased.  Epperly et al. use ν = eps‖Y‖_F/√n; that
+    # is too small once m exceeds the numerical rank of A (or Y carries float32 rounding), so ν
+    # grows tenfold until the Cholesky factorisation succeeds.
     eps = torch.finfo(dtype).eps
-    nu = eps * float(torch.linalg.matrix_norm(Y)) / n**0.5
-    Y = Y + nu * Om
+    ynorm = float(torch.linalg.matrix_norm(Y))
+    if ynorm == 0:  # A Ω = 0: the zero operator (on these probes); every estimate is 0
+        return torch.zeros(m, dtype=torch.float64)
+    nu = eps * ynorm / n**0.5
+    Y0 = Y
+    for _ in range(12):
+        Y = Y0 + nu * Om
+        H = Om.T @ Y
+        C, info = torch.linalg.cholesky_ex((H + H.T) / 2, upper=True)
+        if int(info) == 0:
+            break
+        nu *= 10
+    else:
+        raise RuntimeError("XNysTrace: Ωᵀ(A + νI)Ω is not positive definite; is the operator PSD?")
     Q, R = torch.linalg.qr(Y)
-    H = Om.T @ Y
-    C = torch.linalg.cholesky((H + H.T) / 2, upper=True)
     B = torch.linalg.solve_triangular(C, R, upper=True, left=False)  # R C⁻¹
     if stream.kind is Probe.SPHERE:
         QQ, RR = torch.linalg.qr(Om)
@@ -238,7 +278,10 @@ def xnystrace_samples(
         scale = torch.ones(m, dtype=torch.float64)
     W = Q.T @ Om
     S = torch.linalg.solve_triangular(C.T, B, upper=False, left=False)  # B C⁻ᵀ
-    S = S * torch.diagonal(torch.linalg.inv(H)).rsqrt()
+    # diag(H⁻¹) from the Cholesky factor (H = CᵀC): positive by construction, unlike diag(inv(H))
+    # of a nearly singular H, whose rounding can make entries negative (NaN estimates)
+    Cinv = torch.linalg.solve_triangular(C, torch.eye(m, dtype=torch.float64), upper=True)
+    S = S * Cinv.square().sum(1).rsqrt()
     dSW = _diag_prod(S, W)
     ests = torch.linalg.matrix_norm(B) ** 2 - _colnorm2(S) + dSW**2 * scale - nu * n
     return ests.cpu()
@@ -272,8 +315,9 @@ def onesided(
         if Qd is not None:
             Xd = X.to(torch.float64)
             X = (Xd - Qd @ (Qd.T @ Xd)).to(X.dtype)
-        A = apply(X)
-        return A.T.contiguous() if keep else A.to(torch.float64).square().sum(0).cpu()
+        if not keep:  # only the squared norms: a fast path need not write the block (op.sqnorms)
+            return op.sqnorms(side, X).cpu()
+        return apply(X).T.contiguous()
 
     return map_probes(m, _chunk([op], chunk_size), fn)
 
@@ -316,6 +360,8 @@ def pair_mean_loo(H: torch.Tensor, independent_diag: bool = False) -> tuple[torc
     """
     H = H.to(torch.float64)
     m = H.shape[0]
+    if m < 2:
+        raise ValueError(f"pair statistics (one-sided Frobenius norms and ratios) need num_probes >= 2, got {m}")
     if independent_diag:
         total = H.sum()
         full = total / m**2

@@ -7,9 +7,14 @@ trace needs no storage at all: ``tr K = ‖J‖_F²`` summed chunk by chunk.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 
 from .operators import FactoredKernel, KernelOperator
+
+_T = TypeVar("_T")
 
 __all__ = ["jacobian", "kernel", "exact_trace", "exact_frobenius_sq", "exact_inner", "exact_quadratic"]
 
@@ -26,25 +31,41 @@ def _chunk(op: KernelOperator) -> int:
     return int(getattr(op, "chunk_size", 64))
 
 
-def _side(op: FactoredKernel, side: str | None) -> str:
+def _sides(op: FactoredKernel, side: str | None) -> list[str]:
+    """Sides to try, best first: the one whose basis is smaller (``min(D, P)`` passes).
+
+    No pilot passes: a side whose AD mode turns out unavailable raises ``RuntimeError`` and the
+    other side is tried (:meth:`NTK.modes` would spend timing passes to find out).
+    """
     if side is not None:
-        return side
-    modes = op.modes()
-    if not modes["vjp"]:
-        return "jvp"
-    if not modes["jvp"]:
-        return "vjp"
-    return "vjp" if op.dim <= op.num_params else "jvp"
+        if side not in ("vjp", "jvp"):
+            raise ValueError(f"side must be 'vjp' or 'jvp', got {side!r}")
+        return [side]
+    return ["vjp", "jvp"] if op.dim <= op.num_params else ["jvp", "vjp"]
 
 
-def jacobian(op: FactoredKernel, side: str | None = None) -> torch.Tensor:
-    """The dense ``D × P`` Jacobian, from ``min(D, P)`` passes of the smaller side."""
-    side = _side(op, side)
+def _try_sides(op: FactoredKernel, side: str | None, fn: Callable[[str], _T]) -> _T:
+    sides = _sides(op, side)
+    for i, s in enumerate(sides):
+        try:
+            return fn(s)
+        except RuntimeError:  # this AD mode is unavailable for the model: use the other side
+            if i == len(sides) - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _jacobian_side(op: FactoredKernel, side: str) -> torch.Tensor:
     if side == "vjp":
         rows = [op.vjp(E).T for _, _, E in _basis_chunks(op.dim, _chunk(op), op.dtype, op.device)]
         return torch.cat(rows, 0)
     cols = [op.jvp(E) for _, _, E in _basis_chunks(op.num_params, _chunk(op), op.dtype, op.device)]
     return torch.cat(cols, 1)
+
+
+def jacobian(op: FactoredKernel, side: str | None = None) -> torch.Tensor:
+    """The dense ``D × P`` Jacobian, from ``min(D, P)`` passes of the smaller side."""
+    return _try_sides(op, side, lambda s: _jacobian_side(op, s))
 
 
 def kernel(op: KernelOperator) -> torch.Tensor:
@@ -59,12 +80,16 @@ def exact_trace(op: KernelOperator) -> float:
     """``tr K`` without storing J or K."""
     total = torch.zeros((), dtype=torch.float64)
     if isinstance(op, FactoredKernel):
-        side = _side(op, None)
-        n = op.dim if side == "vjp" else op.num_params
-        apply = op.vjp if side == "vjp" else op.jvp
-        for _, _, E in _basis_chunks(n, _chunk(op), op.dtype, op.device):
-            total += apply(E).double().square().sum().cpu()
-        return float(total)
+
+        def side_trace(side: str) -> float:
+            n = op.dim if side == "vjp" else op.num_params
+            apply = op.vjp if side == "vjp" else op.jvp
+            acc = torch.zeros((), dtype=torch.float64)
+            for _, _, E in _basis_chunks(n, _chunk(op), op.dtype, op.device):
+                acc += apply(E).double().square().sum().cpu()
+            return float(acc)
+
+        return _try_sides(op, None, side_trace)
     for start, stop, E in _basis_chunks(op.dim, _chunk(op), op.dtype, op.device):
         total += op.matmat(E)[start:stop].double().diagonal().sum().cpu()
     return float(total)
@@ -95,9 +120,12 @@ def exact_inner(op1: KernelOperator, op2: KernelOperator) -> float:
 
 def exact_quadratic(op: KernelOperator, y: torch.Tensor) -> float:
     """``yᵀ K y``: one VJP for a factored kernel (``‖Jᵀy‖²``), one matvec otherwise."""
-    y = y.to(op.dtype).reshape(-1)
-    if isinstance(op, FactoredKernel) and op.modes()["vjp"]:
-        return float(op.vjp(y).double().square().sum())
+    y = y.to(device=op.device, dtype=op.dtype).reshape(-1)
+    if isinstance(op, FactoredKernel):
+        try:
+            return float(op.vjp(y).double().square().sum())
+        except RuntimeError:  # reverse mode unavailable: yᵀJ from the Jacobian by JVPs
+            return float((y.double() @ jacobian(op, "jvp").double()).square().sum())
     return float((y.double() * op.matmat(y).double()).sum())
 
 

@@ -13,7 +13,19 @@ Error bars: a delete-one jackknife over probes for every quantity (for a plain m
 ``std/√m``; for U-statistics and ratios it also yields a bias-corrected value, reported in
 ``info["bias_corrected"]``).  Ratios such as the effective rank are biased at small
 ``num_probes`` (the bias is O(1/m)); square roots too (``frobenius_norm(squared=True)`` is
-unbiased).
+unbiased).  The jackknife is consistent for these smooth functions of means and of order-2
+U-statistics (Arvesen 1969); ``Estimate.ci()`` gives the normal interval.  Measured coverage of
+the 95 % interval over 200 seeds at 120 probes lies in 0.90–0.99 for the norm, effective rank
+and both alignments with the one-sided methods, Hutchinson and Hutch++ (tests/test_coverage.py,
+benchmarks/adaptive_coverage.py).  XTrace's error bar is its own exchangeable-sample estimate,
+which under-covers (its samples are strongly dependent): read it as an indicator, not a CI.
+
+Accuracy on demand: every metric takes ``rtol=``, ``atol=`` and ``max_passes=`` (keyword-only).
+With a tolerance it starts at ``num_probes`` (default 32) probes and grows the probe streams
+until ``stderr ≤ max(atol, rtol·|value|)``, reusing every product already computed (see
+:mod:`ntkscope.adaptive`); ``Estimate.converged`` says whether it got there, and
+:class:`~ntkscope.adaptive.ConvergenceWarning` is raised as a warning when ``max_passes`` ends
+first.  Without a tolerance, ``max_passes`` alone spends that budget.
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ from typing import Any
 
 import torch
 
+from . import adaptive as adapt
 from . import estimators as est
 from . import exact as ex
 from .estimate import Estimate
@@ -55,7 +68,10 @@ class Method(str, enum.Enum):
     * ``vjp_proj`` / ``jvp_proj``: the paper's one-sided variants with a random projected block
       of ``m // 6`` probe directions handled exactly (trace only).
     * ``auto``: exact if that costs no more than the budget, else a one-sided method on the
-      side chosen by dimension, by which AD modes work and by measured pass cost.
+      side chosen by dimension, by which AD modes work and by measured pass cost — unless a
+      cheap pilot sketch (``min(m // 10, 16)`` columns, 2 passes each, half reused by the
+      one-sided method) finds a spectrum that decays
+      fast enough for Hutch++ to win (see :func:`choose_method`); ``info["reason"]`` says why.
     """
 
     EXACT = "exact"
@@ -103,7 +119,8 @@ class Part:
         m = x.shape[0]
         total = x.sum(0)
         off = torch.as_tensor(offset, dtype=torch.float64)
-        loo = (total - x) / (m - 1) + off if m > 1 else None
+        # one sample: no spread to measure, so the standard error is unknown (inf), not zero
+        loo = (total - x) / (m - 1) + off if m > 1 else torch.full_like(x, math.nan)
         return Part(total / m + off, loo)
 
     @staticmethod
@@ -188,24 +205,75 @@ def _estimate(
     chunk_size: int | None,
     body: Callable[[list[KernelOperator], _Ctx], tuple[list[Part], Callable[[torch.Tensor], torch.Tensor]]],
     extra: dict[str, Any] | None = None,
+    *,
+    rtol: float | None = None,
+    atol: float | None = None,
+    max_passes: int | None = None,
 ) -> Estimate:
     t0 = time.perf_counter()
-    ops, meth, m, base, probe_kind = _prepare(kernels, method, num_probes, seed, probes)
+    adapt.check_tolerances(rtol, atol, max_passes)
+    adaptive = rtol is not None or atol is not None or max_passes is not None
+    first = num_probes if num_probes is not None or not adaptive else adapt.FIRST_BLOCK
+    ops, meth, m, base, probe_kind = _prepare(kernels, method, first, seed, probes)
     distinct = list({id(o): o for o in ops}.values())
     before = [o.counts() for o in distinct]
     info: dict[str, Any] = dict(extra or {})
+    run_ops = ops
+    if adaptive or meth is Method.AUTO:
+        # memoised proxies: later rounds (and a method chosen after auto's pilot) reuse products
+        proxies = {id(o): adapt.cached(o) for o in distinct}
+        run_ops = [proxies[id(o)] for o in ops]
     if meth is Method.AUTO:
-        meth, reason = choose_method(ops, quantity, m)
+        meth, reason = choose_method(ops, quantity, m, seed=base, info=info, pilot_ops=run_ops, probes=probe_kind)
+        meth, reason = est.agree((meth, reason))  # ranks splitting probes must run the same method
         info["reason"] = reason
-    ctx = _Ctx(meth, m, base, probe_kind, chunk_size, info)
-    parts, fn = body(ops, ctx)
-    value, se, bc = combine(parts, fn)
-    if not math.isfinite(value):
-        raise ValueError(f"{quantity} is not finite ({value}); the kernel may be zero or the estimate degenerate")
+        if not adaptive and (meth not in ONE_SIDED or "pilot_passes" not in info):
+            run_ops = ops  # only the one-sided methods reuse the pilot's products; skip the memo's cost
+
+    last_info: dict[str, Any] = {}
+
+    def run(mm: int) -> tuple[float, float, Any]:
+        nonlocal last_info
+        last_info = dict(info)
+        parts, fn = body(run_ops, _Ctx(meth, mm, base, probe_kind, chunk_size, last_info))
+        value, se, bc = combine(parts, fn)
+        if not math.isfinite(value):
+            raise ValueError(f"{quantity} is not finite ({value}); the kernel may be zero or the estimate degenerate")
+        return value, se, bc
+
+    def passes_now() -> int:
+        return sum(sum(a[:2]) - sum(b[:2]) for a, b in zip((o.counts() for o in distinct), before))
+
+    converged: bool | None = None
+    if adaptive and meth is not Method.EXACT:
+        per_probe = (1 if meth in ONE_SIDED else 2) * len(distinct)
+        if max_passes is not None:
+            m = max(2, min(m, (max_passes - passes_now()) // per_probe))
+        res = adapt.drive(
+            run,
+            passes_now,
+            m,
+            rtol=rtol,
+            atol=atol,
+            max_passes=max_passes,
+            max_probes=ops[0].dim - 1 if meth is Method.XTRACE else None,
+            max_growth=2.0 if meth in (Method.HUTCHPP, Method.XTRACE) else adapt.GROWTH_MAX,
+            what=quantity,
+        )
+        value, se, bc, m, converged = res.value, res.stderr, res.payload, res.num_probes, res.converged
+        last_info["adaptive"] = {"rounds": res.history, "stop": res.stop_reason, "rtol": rtol, "atol": atol, "max_passes": max_passes}
+    else:
+        value, se, bc = run(m)
+        if adaptive:
+            converged = True
+    info = last_info
     after = [o.counts() for o in distinct]
     jvps = sum(a[0] - b[0] for a, b in zip(after, before))
     vjps = sum(a[1] - b[1] for a, b in zip(after, before))
-    mvs = sum(a[2] - b[2] for a, b in zip(after, before))
+    if run_ops is ops:
+        mvs = sum(a[2] - b[2] for a, b in zip(after, before))
+    else:  # K-products requested through the proxies (cached ones included)
+        mvs = sum(o.counts()[2] for o in {id(o): o for o in run_ops}.values())
     is_exact = meth is Method.EXACT
     if not is_exact:
         info["bias_corrected"] = bc
@@ -227,6 +295,7 @@ def _estimate(
         quantity=quantity,
         exact=is_exact,
         info={"matvecs": mvs, **info},
+        converged=converged,
     )
 
 
@@ -251,8 +320,59 @@ def _side_for(op: FactoredKernel, modes: dict[str, bool]) -> tuple[str, str]:
     return small, why
 
 
-def choose_method(ops: Sequence[KernelOperator], quantity: str, num_probes: int) -> tuple[Method, str]:
-    """What ``method="auto"`` picks for these kernels, and why."""
+#: Largest pilot sketch of ``auto`` (2 AD passes per column, half of them reusable).
+PILOT_MAX = 16
+_PILOT_QUANTITIES = {"trace", "frobenius_norm", "frobenius_norm_sq", "effective_rank", "target_alignment"}
+
+
+def _pilot(op: KernelOperator, side: str, ell: int, seed: int, probes: Probe | None) -> dict[str, Any]:
+    """Nyström pilot on the first ``ell`` probes of the one-sided method's own stream.
+
+    Side "vjp": ``S`` in R^D, ``A = JᵀS`` then ``Y = JA = KS``.  Side "jvp": ``S`` in R^P,
+    ``A = JS`` then ``Y = JᵀA = GS`` with ``G = JᵀJ`` (same nonzero spectrum as K).  The first
+    half (``A``) is exactly what the one-sided method computes for its first ``ell`` probes, so
+    when it is chosen (``op`` a memoising proxy) only the second half is extra.
+    """
+    from .spectrum import nystrom_from_sketch
+
+    assert isinstance(op, FactoredKernel)
+    stream = ProbeStream(est.probe_dim(op, side), probes or Probe.RADEMACHER, seed, est.MAIN, op.dtype, op.device)
+    S = stream.columns(0, ell)
+    if side == "vjp":
+        A = op.vjp(S)
+        Y = op.jvp(A)
+    else:
+        A = op.jvp(S)
+        Y = op.vjp(A)
+    lam, _ = nystrom_from_sketch(S, Y, float(torch.finfo(op.dtype).eps))
+    return {"eigs": lam.cpu(), "trace": float(A.double().square().sum(0).mean())}  # ‖Jᵀs‖²: free trace samples
+
+
+def choose_method(
+    ops: Sequence[KernelOperator],
+    quantity: str,
+    num_probes: int,
+    *,
+    seed: int | None = None,
+    info: dict[str, Any] | None = None,
+    pilot_ops: Sequence[KernelOperator] | None = None,
+    probes: Probe | None = None,
+) -> tuple[Method, str]:
+    """What ``method="auto"`` picks for these kernels, and why.
+
+    1. Exact when ``min(D, P)`` passes fit in the budget.
+    2. Otherwise the AD side: by which modes work, by D vs P (the smaller probe space) and by the
+       measured seconds per pass (a 3× cheaper mode wins).
+    3. With ``seed`` given (as the metrics do), a cheap pilot decides one- vs two-sided: a
+       Nyström sketch of ``ℓ = min(m // 10, 16)`` columns on the chosen side's probe space
+       (``2ℓ`` passes, reported in ``info["pilot_passes"]``; its first ``ℓ`` passes are the
+       one-sided method's first probes, reused when it is chosen).  If the ℓ-th eigenvalue is
+       below ``10³·eps·λ₁`` the sketch already spans K's range: Hutch++ is exact up to round-off
+       and is chosen.  For the trace it also compares predicted
+       variances per AD pass: one-sided ``≈ 2‖K‖_F²`` per pass vs Hutch++'s residual
+       ``≤ 12·λ_ℓ·(tr K − Σ_{i≤ℓ} λ_i)`` (2 passes per matvec, a third of them residual probes;
+       ``Σ_{i>ℓ} λ_i² ≤ λ_ℓ Σ_{i>ℓ} λ_i``), with tr K from the sketch's own Hutchinson samples.
+    """
     if not all(isinstance(o, FactoredKernel) for o in ops):
         n = ops[0].dim
         if n <= num_probes:
@@ -268,7 +388,37 @@ def choose_method(ops: Sequence[KernelOperator], quantity: str, num_probes: int)
         mo = o.modes()
         modes = {k: modes[k] and mo[k] for k in modes}
     side, why = _side_for(fops[0], modes)
-    return (Method.VJP if side == "vjp" else Method.JVP), f"one-sided {side.upper()}: {why}"
+    onesided = (Method.VJP if side == "vjp" else Method.JVP), f"one-sided {side.upper()}: {why}"
+    ell = min(num_probes // 10, PILOT_MAX, est.probe_dim(fops[0], side))
+    if seed is None or len(ops) != 1 or quantity not in _PILOT_QUANTITIES or not all(modes.values()) or ell < 4:
+        return onesided
+    op = (pilot_ops or ops)[0]
+    base = getattr(op, "base", op)
+    c0 = base.counts()
+    pilot = _pilot(op, side, ell, seed, probes)
+    c1 = base.counts()
+    lam = pilot["eigs"]
+    ratio = float(lam[-1] / lam[0]) if lam[0] > 0 else 0.0
+    if info is not None:
+        info["pilot_passes"] = (c1[0] - c0[0]) + (c1[1] - c0[1])
+        info["pilot"] = {"sketch": ell, "side": side, "eig_ratio": ratio, "top_eigs": [float(x) for x in lam[:4]]}
+    eps = float(torch.finfo(op.dtype).eps)
+    if ratio <= 1e3 * eps:
+        return Method.HUTCHPP, (
+            f"two-sided Hutch++: a {ell}-column pilot sketch spans K's range (λ_{ell}/λ_1 = {ratio:.2g}), so Hutch++'s "
+            f"sketch makes it exact up to round-off"
+        )
+    if quantity == "trace":
+        head = float(lam.sum())
+        tail = max(pilot["trace"] - head, 0.0)
+        v_hpp = 12 * float(lam[-1]) * tail
+        v_one = 2 * float(lam.square().sum())  # ≤ 2‖K‖_F²: favours Hutch++ only when clearly better
+        if v_hpp < v_one:
+            return Method.HUTCHPP, (
+                f"two-sided Hutch++: the pilot sketch predicts a residual variance per pass {v_hpp:.3g} below the "
+                f"one-sided {v_one:.3g} (fast spectral decay, λ_{ell}/λ_1 = {ratio:.2g})"
+            )
+    return onesided[0], onesided[1] + f"; pilot sketch λ_{ell}/λ_1 = {ratio:.2g}: spectrum too flat for Hutch++ to win"
 
 
 # -- shared building blocks ---------------------------------------------------------------------
@@ -359,6 +509,10 @@ def trace(
     seed: int | torch.Generator | None = None,
     probes: str | Probe | None = None,
     chunk_size: int | None = None,
+    *,
+    rtol: float | None = None,
+    atol: float | None = None,
+    max_passes: int | None = None,
 ) -> Estimate:
     """``tr K`` — for an NTK, ``‖J‖_F²``, the sum of its eigenvalues.
 
@@ -368,7 +522,7 @@ def trace(
     def body(ops: list[KernelOperator], ctx: _Ctx) -> tuple[list[Part], Callable[[torch.Tensor], torch.Tensor]]:
         return [_trace_part(ops[0], ctx)], lambda x: x[..., 0]
 
-    return _estimate("trace", [K], method, num_probes, seed, probes, chunk_size, body)
+    return _estimate("trace", [K], method, num_probes, seed, probes, chunk_size, body, rtol=rtol, atol=atol, max_passes=max_passes)
 
 
 def frobenius_norm(
@@ -380,6 +534,9 @@ def frobenius_norm(
     chunk_size: int | None = None,
     *,
     squared: bool = False,
+    rtol: float | None = None,
+    atol: float | None = None,
+    max_passes: int | None = None,
 ) -> Estimate:
     """``‖K‖_F`` (or ``‖K‖_F² = tr K²`` with ``squared=True``, then unbiased).
 
@@ -395,7 +552,17 @@ def frobenius_norm(
         return parts, lambda x: torch.sqrt(x[..., 0].clamp(min=0))
 
     return _estimate(
-        "frobenius_norm_sq" if squared else "frobenius_norm", [K], method, num_probes, seed, probes, chunk_size, body
+        "frobenius_norm_sq" if squared else "frobenius_norm",
+        [K],
+        method,
+        num_probes,
+        seed,
+        probes,
+        chunk_size,
+        body,
+        rtol=rtol,
+        atol=atol,
+        max_passes=max_passes,
     )
 
 
@@ -414,6 +581,10 @@ def effective_rank(
     seed: int | torch.Generator | None = None,
     probes: str | Probe | None = None,
     chunk_size: int | None = None,
+    *,
+    rtol: float | None = None,
+    atol: float | None = None,
+    max_passes: int | None = None,
 ) -> Estimate:
     """Participation-ratio effective rank ``(tr K)² / ‖K‖_F²`` (between 1 and rank K).
 
@@ -428,7 +599,9 @@ def effective_rank(
         _nonzero(full[1], "the Frobenius norm estimate")
         return parts, lambda x: x[..., 0] ** 2 / x[..., 1]
 
-    return _estimate("effective_rank", [K], method, num_probes, seed, probes, chunk_size, body)
+    return _estimate(
+        "effective_rank", [K], method, num_probes, seed, probes, chunk_size, body, rtol=rtol, atol=atol, max_passes=max_passes
+    )
 
 
 def alignment(
@@ -441,6 +614,9 @@ def alignment(
     chunk_size: int | None = None,
     *,
     check_inputs: bool = True,
+    rtol: float | None = None,
+    atol: float | None = None,
+    max_passes: int | None = None,
 ) -> Estimate:
     """Kernel alignment ``⟨K1, K2⟩_F / (‖K1‖_F ‖K2‖_F)`` (uncentred cosine, in [0, 1] for PSD).
 
@@ -500,7 +676,9 @@ def alignment(
         _nonzero(full[2], "the Frobenius norm of K2")
         return parts, lambda x: x[..., 0] / torch.sqrt(x[..., 1] * x[..., 2])
 
-    return _estimate("alignment", [o1, o2], method, num_probes, seed, probes, chunk_size, body)
+    return _estimate(
+        "alignment", [o1, o2], method, num_probes, seed, probes, chunk_size, body, rtol=rtol, atol=atol, max_passes=max_passes
+    )
 
 
 def _as_targets(targets: Any, op: KernelOperator) -> torch.Tensor:
@@ -531,6 +709,10 @@ def target_alignment(
     seed: int | torch.Generator | None = None,
     probes: str | Probe | None = None,
     chunk_size: int | None = None,
+    *,
+    rtol: float | None = None,
+    atol: float | None = None,
+    max_passes: int | None = None,
 ) -> Estimate:
     """Kernel–target alignment ``yᵀKy / (‖K‖_F ‖y‖²)`` (alignment of K with ``y yᵀ``).
 
@@ -555,4 +737,6 @@ def target_alignment(
         _nonzero(full[1], "the Frobenius norm estimate")
         return parts, lambda x: x[..., 0] / (torch.sqrt(x[..., 1]) * ynorm2)
 
-    return _estimate("target_alignment", [op0], method, num_probes, seed, probes, chunk_size, body)
+    return _estimate(
+        "target_alignment", [op0], method, num_probes, seed, probes, chunk_size, body, rtol=rtol, atol=atol, max_passes=max_passes
+    )

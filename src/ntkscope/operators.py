@@ -71,7 +71,7 @@ class KernelOperator:
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         """``K V`` for a ``(dim, m)`` block (or a ``(dim,)`` vector)."""
         V, vec = _as_block(V, self.dim, "K·V")
-        out = self._matmat(V.to(self.dtype))
+        out = self._matmat(V.to(device=self.device, dtype=self.dtype))
         self.matvec_count += V.shape[1]
         return out[:, 0] if vec else out
 
@@ -93,16 +93,23 @@ class FactoredKernel(KernelOperator):
     def jvp(self, U: torch.Tensor) -> torch.Tensor:
         """``J U`` for a ``(P, m)`` block: m forward-mode passes."""
         U, vec = _as_block(U, self.num_params, "J·U")
-        out = self._jvp(U.to(self.dtype))
+        out = self._jvp(U.to(device=self.device, dtype=self.dtype))
         self.jvp_count += U.shape[1]
         return out[:, 0] if vec else out
 
     def vjp(self, V: torch.Tensor) -> torch.Tensor:
         """``Jᵀ V`` for a ``(D, m)`` block: m reverse-mode passes."""
         V, vec = _as_block(V, self.dim, "Jᵀ·V")
-        out = self._vjp(V.to(self.dtype))
+        out = self._vjp(V.to(device=self.device, dtype=self.dtype))
         self.vjp_count += V.shape[1]
         return out[:, 0] if vec else out
+
+    def sqnorms(self, side: str, X: torch.Tensor) -> torch.Tensor:
+        """Per-column ``‖Jᵀx‖²`` (side ``"vjp"``) or ``‖Jx‖²`` (``"jvp"``) in float64: the
+        one-sided trace samples, counted as passes like :meth:`vjp`/:meth:`jvp`.  Subclasses may
+        compute them without writing the output block."""
+        A = self.vjp(X) if side == "vjp" else self.jvp(X)
+        return A.to(torch.float64).square().sum(0)
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         return self.jvp(self.vjp(V))
@@ -257,6 +264,8 @@ def _quiet() -> Iterator[None]:
         warnings.filterwarnings("ignore", message=".*RNN module weights are not part of single contiguous.*")
         warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=FutureWarning, message=".*functional_call.*")
+        # entering torch.backends.mkldnn.flags(...) on CPU builds warns about Intel-GPU TF32
+        warnings.filterwarnings("ignore", category=UserWarning, message=".*TF32 acceleration on top of oneDNN.*")
         yield
 
 
@@ -281,12 +290,17 @@ class NTK(FactoredKernel):
         jvp_path / vjp_path: force an evaluation path (see :attr:`paths`); default tries the
             fastest and falls back when a path fails (no forward-mode rule, ``vmap`` unsupported,
             oneDNN's LSTM forward-mode gap).
+        fast: ``None`` (default) evaluates supported structures (an ``nn.Sequential`` MLP, a
+            single-layer ``nn.GRU``; see :mod:`ntkscope.fast`) with hand-written block
+            recurrences after checking them against the generic path; ``False`` never does;
+            ``True`` requires it.
 
     The parameters are read live: training the model in place changes this operator.  Pass
     ``params={n: p.detach().clone() ...}`` to pin a point.
     """
 
     model: nn.Module | None
+    _fast: Any  # ntkscope.fast.FastPath | None
 
     def __init__(
         self,
@@ -298,6 +312,7 @@ class NTK(FactoredKernel):
         chunk_size: int | None = None,
         jvp_path: str | None = None,
         vjp_path: str | None = None,
+        fast: bool | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}; use NTK.from_function for functions")
@@ -319,6 +334,15 @@ class NTK(FactoredKernel):
             return _select_output(out, output)
 
         self._init_function(fn, primals, chunk_size, jvp_path, vjp_path, what=type(model).__name__)
+        # fast=None: use ntkscope.fast when the model is a supported structure (checked against
+        # the generic path on first use); True: require it; False: never.
+        if fast is not False and jvp_path is None and vjp_path is None:
+            from .fast import build as _build_fast
+
+            self._fast_build = lambda: _build_fast(module, args, kwargs, output, names, self.primals)
+            self._fast = self._fast_build()
+        if fast is True and self._fast is None:
+            raise ValueError(f"fast=True: no fast path for this {type(model).__name__} (see ntkscope.fast for what is supported)")
 
     @classmethod
     def from_function(
@@ -382,15 +406,25 @@ class NTK(FactoredKernel):
         if len(dtypes) > 1:
             raise ValueError(f"parameters have mixed dtypes {sorted(map(str, dtypes))}; cast the model to one dtype")
         _check_finite_inputs(self.inputs)
-        with torch.no_grad(), _quiet():
+        # fork_rng: a random model must not advance the user's (CPU) random stream
+        with torch.no_grad(), _quiet(), torch.random.fork_rng(devices=[]):
             try:
                 z = fn(*self.primals)
             except Exception as e:  # the user's model rejected the inputs
                 raise ValueError(f"{what} failed on the given inputs ({_describe_inputs(self.inputs)}): {e}") from e
-        if not isinstance(z, torch.Tensor) or not z.is_floating_point():
-            raise TypeError(f"the state must be a floating-point tensor, got {type(z).__name__}")
-        if not torch.isfinite(z).all():
-            raise ValueError(f"{what} produced non-finite outputs (nan or inf) on the given inputs")
+            if not isinstance(z, torch.Tensor) or not z.is_floating_point():
+                raise TypeError(f"the state must be a floating-point tensor, got {type(z).__name__}")
+            if not torch.isfinite(z).all():
+                raise ValueError(f"{what} produced non-finite outputs (nan or inf) on the given inputs")
+            # A random forward (functional dropout, noise injection) has no NTK.  vmap catches it
+            # only where the forward runs inside vmap (not on the VJP path), so compare two runs.
+            z2 = fn(*self.primals)
+            scale = float(z.abs().max())
+            if not (isinstance(z2, torch.Tensor) and z2.shape == z.shape and torch.allclose(z2, z, rtol=1e-4, atol=1e-6 * scale)):
+                raise ValueError(
+                    f"{what} is random: two forward passes on the same inputs differ (e.g. dropout in training "
+                    "mode), so its NTK is not defined: call model.eval() or remove the randomness first"
+                )
         if z.numel() == 0:
             raise ValueError("the state is empty")
         self.state_shape = tuple(z.shape)
@@ -409,9 +443,19 @@ class NTK(FactoredKernel):
         self._forced = {"jvp": jvp_path is not None, "vjp": vjp_path is not None}
         self._broken: dict[str, Exception] = {}
         self._pass_seconds: dict[str, float] = {}
+        self._fast = None  # an ntkscope.fast.FastPath, set by __init__ for supported models
+        self._fast_ok: dict[str, bool] = {}
+        self._fast_busy = False
 
     def _default_chunk(self) -> int:
-        per_probe = self.dtype.itemsize * (self.dim + self.num_params) * 4
+        """Probes per vmap batch so that their working set stays near ``_CHUNK_BYTES``.
+
+        A vmapped pass keeps, per probe, its input and output vectors (D + P numbers) and a
+        tangent or cotangent for every intermediate the forward saves for backward (often far
+        more than D for convolutional or recurrent models); the intermediates are measured once
+        with ``saved_tensors_hooks`` on one forward.
+        """
+        per_probe = self.dtype.itemsize * (self.dim + self.num_params + _saved_numel(self._fn_raw, self.primals)) * 2
         return max(1, min(_MAX_AUTO_CHUNK, _CHUNK_BYTES // per_probe))
 
     def _f(self, *tensors: torch.Tensor) -> torch.Tensor:
@@ -427,7 +471,73 @@ class NTK(FactoredKernel):
     @property
     def paths(self) -> dict[str, str | None]:
         """The evaluation path each AD mode took (None: not used yet)."""
-        return {k: (p.name if p else None) for k, p in self._paths.items()}
+        return {
+            k: (self._fast.name if self._fast_ok.get(k) else p.name if p else None) for k, p in self._paths.items()
+        }
+
+    def sqnorms(self, side: str, X: torch.Tensor) -> torch.Tensor:
+        if self._fast is None or side not in ("jvp", "vjp"):
+            return super().sqnorms(side, X)
+        X, _ = _as_block(X, self.dim if side == "vjp" else self.num_params, "‖Jᵀ·V‖²" if side == "vjp" else "‖J·U‖²")
+        got = self._fast_for(side, X.to(self.dtype), norms=True)
+        if got is None:
+            return super().sqnorms(side, X)
+        if side == "vjp":
+            self.vjp_count += X.shape[1]
+        else:
+            self.jvp_count += X.shape[1]
+        return got
+
+    def _fast_for(self, mode: str, X: torch.Tensor, norms: bool = False) -> torch.Tensor | None:
+        """``J X`` / ``Jᵀ X`` by the fast path (:mod:`ntkscope.fast`), or None for the generic path.
+
+        The first call per mode checks the fast path against the generic ``torch.func`` path on
+        one fixed random probe (relative difference ≤ 1e-10 in float64, 1e-4 in float32) and
+        stops using it for that mode when they disagree.
+        """
+        if self._fast is None or self._fast_busy or self._fast_ok.get(mode) is False:
+            return None
+        if self._fast.stale():  # parameters or inputs changed in place since its forward pass
+            self._fast = self._fast_build()
+            if self._fast is None:
+                return None
+        apply = self._fast.jvp if mode == "jvp" else self._fast.vjp
+        if mode not in self._fast_ok:
+            n = self.num_params if mode == "jvp" else self.dim
+            x = torch.randn(n, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+            x = x.to(device=self.device, dtype=self.dtype)
+            self._fast_busy = True
+            try:
+                ref = (self._jvp if mode == "jvp" else self._vjp)(x)
+            finally:
+                self._fast_busy = False
+            try:
+                got = apply(x)
+                tol = 1e-10 if self.dtype == torch.float64 else 1e-4
+                ok = bool(torch.linalg.vector_norm(got - ref) <= tol * torch.linalg.vector_norm(ref))
+            except Exception:  # an unforeseen structure: the generic path stays correct
+                ok = False
+            self._fast_ok[mode] = ok
+            if not ok:
+                return None
+        # blocks of ≤ 64 probes keep the per-step working set of the recurrences in cache; each
+        # block writes straight into its slice of the result (no concatenation copy)
+        step = max(1, min(self.chunk_size, 64))
+        m = X.shape[1]
+        if norms:  # per-probe squared norms, never the (D or P) × m block
+            sq = self._fast.vjp_sqnorms if mode == "vjp" else self._fast.jvp_sqnorms
+            return torch.cat([sq(X[:, s : s + step]) for s in range(0, m, step)])
+        if m <= step:
+            return apply(X)
+        if mode == "vjp":  # probe-major rows, returned transposed like the generic path
+            rows = X.new_empty(m, self.num_params)
+            for s in range(0, m, step):
+                self._fast.vjp(X[:, s : s + step], out=rows[s : s + step])
+            return rows.T
+        cols = X.new_empty(self.dim, m)
+        for s in range(0, m, step):
+            self._fast.jvp(X[:, s : s + step], out=cols[:, s : s + step])
+        return cols
 
     def _run(self, mode: str, block: torch.Tensor, impl: Callable[[_Path, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """Evaluate ``block`` (rows = probes) chunk by chunk, falling back to slower paths."""
@@ -464,6 +574,9 @@ class NTK(FactoredKernel):
         return torch.cat(outs, 0) if len(outs) > 1 else outs[0]
 
     def _vjp(self, V: torch.Tensor) -> torch.Tensor:
+        fast = self._fast_for("vjp", V)
+        if fast is not None:
+            return fast
         rows = V.T.contiguous()
         vjp_fn_cache: dict[bool, Callable[..., Any]] = {}
 
@@ -481,19 +594,30 @@ class NTK(FactoredKernel):
         return self._run("vjp", rows, impl).T
 
     def _jvp(self, U: torch.Tensor) -> torch.Tensor:
+        fast = self._fast_for("jvp", U)
+        if fast is not None:
+            return fast
         rows = U.T.contiguous()
 
         def forward(*tangents: torch.Tensor) -> torch.Tensor:
             return jvp(self._f, self.primals, tangents)[1]
 
-        def double_vjp(*tangents: torch.Tensor) -> torch.Tensor:
-            w0 = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
-            vjp2 = vjp(lambda w: vjp(self._f, *self.primals)[1](w), w0)[1]
-            return vjp2(tangents)[0]
+        # J u as the VJP of the linear map w ↦ Jᵀw; built once per call (one forward, one
+        # backward), then applied to every probe of every chunk
+        vjp2_cache: dict[bool, Callable[..., Any]] = {}
 
         def impl(path: _Path, chunk: torch.Tensor) -> torch.Tensor:
             tangents = self._unflatten(chunk)
-            fn = double_vjp if path.double_vjp else forward
+            fn: Callable[..., torch.Tensor] = forward
+            if path.double_vjp:
+                key = path.mkldnn_off
+                if key not in vjp2_cache:
+                    w0 = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+                    vjp2_cache[key] = vjp(lambda w: vjp(self._f, *self.primals)[1](w), w0)[1]
+                vjp2 = vjp2_cache[key]
+
+                def fn(*t: torch.Tensor) -> torch.Tensor:
+                    return vjp2(t)[0]  # type: ignore[no-any-return]
             if path.batched:
                 return vmap(fn)(*tangents)
             return torch.stack([fn(*(t[i] for t in tangents)) for i in range(chunk.shape[0])])
@@ -559,6 +683,31 @@ class _DenseFactor(FactoredKernel):
 
 # --------------------------------------------------------------------------------------------
 # helpers for NTK
+
+
+def _saved_numel(fn: Callable[..., torch.Tensor], primals: Sequence[torch.Tensor]) -> int:
+    """Numbers the forward of ``fn`` saves for backward (activations), parameters excluded."""
+    seen = {p.data_ptr() for p in primals}
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        try:
+            ptr = t.data_ptr()
+        except RuntimeError:  # tensors without storage (e.g. some wrapper subclasses)
+            return t
+        if ptr not in seen:
+            seen.add(ptr)
+            total += t.numel()
+        return t
+
+    try:
+        with torch.enable_grad(), _quiet(), torch.random.fork_rng(devices=[]):
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                fn(*(p.detach().requires_grad_() for p in primals))
+    except Exception:  # a measurement only: fall back to D + P
+        return 0
+    return total
 
 
 def _find_path(paths: Sequence[_Path], name: str | None) -> _Path | None:

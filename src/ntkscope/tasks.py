@@ -2,6 +2,8 @@
 
 * :func:`digits` — scikit-learn's 8×8 handwritten digits (1,797 images, shipped with sklearn).
 * :func:`sequential_digits` — the same digits read row by row: 8 steps of 8 features.
+* :func:`mnist1d_sequences` — MNIST-1D (40-step sequences, 10 classes) from the ``mnist1d``
+  package's local generator.
 * :func:`flipflop` — the 3-bit flip-flop memory task (Sussillo & Barak 2013): sparse ±1
   pulses on each channel; the target holds the sign of the last pulse.
 * :func:`mlp`, :class:`RecurrentClassifier`, :class:`RecurrentRegressor` — small models.
@@ -14,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["digits", "sequential_digits", "flipflop", "mlp", "RecurrentClassifier", "RecurrentRegressor"]
+__all__ = ["digits", "sequential_digits", "mnist1d_sequences", "flipflop", "mlp", "RecurrentClassifier", "RecurrentRegressor"]
 
 
 def digits(
@@ -46,6 +48,35 @@ def sequential_digits(
     """Digits as sequences: ``(B, 8 steps, 8 features)`` batch-first, with int64 labels."""
     Xtr, ytr, Xte, yte = digits(n, seed=seed, dtype=dtype)
     return Xtr.reshape(-1, 8, 8), ytr, Xte.reshape(-1, 8, 8), yte
+
+
+def mnist1d_sequences(
+    num_samples: int = 1000, *, seed: int = 42, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MNIST-1D (Greydanus 2020) as sequences: ``(B, 40 steps, 1 feature)`` batch-first, int64 labels.
+
+    Generated locally by the ``mnist1d`` package's own generator (``make_dataset``; its download
+    path is never used).  The generator seeds Python's and NumPy's global RNGs; their states are
+    restored afterwards.  Returns ``(X_train, y_train, X_test, y_test)`` (80/20 split).
+    """
+    import random
+
+    import numpy as np
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples, args.seed = num_samples, seed
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        data = make_dataset(args)
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+    def seq(x: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(x, dtype=dtype)[..., None]
+
+    return seq(data["x"]), torch.as_tensor(data["y"], dtype=torch.int64), seq(data["x_test"]), torch.as_tensor(data["y_test"], dtype=torch.int64)
 
 
 def flipflop(

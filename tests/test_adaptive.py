@@ -1,0 +1,139 @@
+"""Tolerance-driven stopping (rtol/atol/max_passes) and the pilot-driven ``method="auto"``."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import ntkscope as nk
+from ntkscope import exact as ex
+from ntkscope.adaptive import ConvergenceWarning
+
+
+def _factor(D: int, P: int, spectrum: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    r = spectrum.numel()
+    U, _ = torch.linalg.qr(torch.randn(D, r, dtype=torch.float64, generator=g))
+    V, _ = torch.linalg.qr(torch.randn(P, r, dtype=torch.float64, generator=g))
+    return U @ torch.diag(spectrum.sqrt()) @ V.T
+
+
+@pytest.fixture(scope="module")
+def K() -> nk.FactoredKernel:
+    return nk.NTK.from_jacobian(_factor(50, 70, torch.arange(1, 51, dtype=torch.float64) ** -1.0))
+
+
+@pytest.mark.parametrize("method", ["vjp", "jvp", "hutchinson", "hutchpp", "xtrace"])
+def test_trace_meets_rtol(K: nk.FactoredKernel, method: str) -> None:
+    exact = ex.exact_trace(K)
+    e = nk.trace(K, method=method, seed=0, rtol=0.02)
+    assert e.converged is True
+    assert e.stderr is not None and e.stderr <= 0.02 * abs(e.value)
+    assert abs(e.value - exact) <= 4 * e.stderr + 1e-9 * exact
+    assert e.info["adaptive"]["rounds"][-1]["num_probes"] == e.num_probes
+
+
+@pytest.mark.parametrize("method", ["vjp", "jvp"])
+def test_extends_probe_stream_instead_of_restarting(K: nk.FactoredKernel, method: str) -> None:
+    """Later rounds reuse earlier probes: one pass per probe in all, and the same value as a
+    fixed-budget run at the final probe count."""
+    e = nk.trace(K, method=method, seed=3, rtol=0.01)
+    assert len(e.info["adaptive"]["rounds"]) > 1
+    assert e.passes == e.num_probes
+    fixed = nk.trace(K, method=method, seed=3, num_probes=e.num_probes)
+    assert e.value == pytest.approx(fixed.value, rel=1e-12)
+
+
+def test_two_sided_hutchinson_reuses_matvecs(K: nk.FactoredKernel) -> None:
+    e = nk.frobenius_norm(K, method="hutchinson", seed=1, rtol=0.02)
+    assert e.converged and len(e.info["adaptive"]["rounds"]) > 1
+    assert e.passes == 2 * e.num_probes  # one VJP + one JVP per probe, none recomputed
+
+
+@pytest.mark.parametrize("metric", ["frobenius_norm", "effective_rank", "alignment", "target_alignment"])
+def test_ratio_metrics_accept_tolerances(K: nk.FactoredKernel, metric: str) -> None:
+    y = torch.linspace(-1, 1, 50, dtype=torch.float64)
+    K2 = nk.NTK.from_jacobian(_factor(50, 70, torch.arange(1, 51, dtype=torch.float64) ** -0.5, seed=1))
+    call = {
+        "frobenius_norm": lambda **k: nk.frobenius_norm(K, **k),
+        "effective_rank": lambda **k: nk.effective_rank(K, **k),
+        "alignment": lambda **k: nk.alignment(K, K2, **k),
+        "target_alignment": lambda **k: nk.target_alignment(K, y, **k),
+    }[metric]
+    exact = call(method="exact").value
+    e = call(method="vjp", seed=0, rtol=0.05)
+    assert e.converged is True and e.stderr <= 0.05 * abs(e.value)
+    assert abs(e.value - exact) <= 4 * e.stderr
+
+
+def test_atol(K: nk.FactoredKernel) -> None:
+    e = nk.trace(K, method="vjp", seed=0, atol=0.05)
+    assert e.converged and e.stderr <= 0.05
+
+
+def test_budget_ends_first_warns(K: nk.FactoredKernel) -> None:
+    with pytest.warns(ConvergenceWarning, match="max_passes=150"):
+        e = nk.effective_rank(K, method="vjp", seed=0, rtol=1e-4, max_passes=150)
+    assert e.converged is False
+    assert e.passes <= 150
+    assert e.stderr is not None and e.stderr > 1e-4 * e.value
+
+
+def test_max_passes_alone_spends_the_budget(K: nk.FactoredKernel) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        e = nk.trace(K, method="jvp", seed=0, max_passes=300)
+    assert e.converged is None
+    assert 150 < e.passes <= 300
+
+
+def test_xtrace_stops_at_its_dimension_limit() -> None:
+    K = nk.NTK.from_jacobian(_factor(40, 60, torch.arange(1, 41, dtype=torch.float64) ** -0.5))
+    with pytest.warns(ConvergenceWarning, match="probe limit"):
+        e = nk.trace(K, method="xtrace", seed=0, num_probes=4, rtol=1e-12)
+    assert e.num_probes <= 39
+
+
+def test_exact_and_fixed_budget_flags(K: nk.FactoredKernel) -> None:
+    assert nk.trace(K, method="exact", rtol=0.01).converged is True
+    assert nk.trace(K, method="vjp", num_probes=10, seed=0).converged is None
+
+
+@pytest.mark.parametrize("kw", [{"rtol": -1.0}, {"atol": float("nan")}, {"rtol": 0.0, "atol": 0.0}, {"max_passes": 0}])
+def test_bad_tolerances(K: nk.FactoredKernel, kw: dict) -> None:
+    with pytest.raises(ValueError):
+        nk.trace(K, method="vjp", seed=0, **kw)
+
+
+def test_auto_picks_hutchpp_for_low_rank_and_reuses_pilot() -> None:
+    K = nk.NTK.from_jacobian(_factor(200, 300, torch.tensor([5.0, 3.0, 2.0, 1.0, 0.5], dtype=torch.float64)))
+    e = nk.trace(K, method="auto", num_probes=60, seed=0)
+    assert e.method == "hutchpp"
+    assert "spans" in e.info["reason"]
+    assert e.info["pilot_passes"] == 12  # ℓ = 60 // 10 columns, a VJP and a JVP each
+    assert e.passes == 2 * 60 + 12
+    assert e.value == pytest.approx(ex.exact_trace(K), rel=1e-9)
+
+
+def test_auto_stays_one_sided_for_a_flat_spectrum() -> None:
+    K = nk.NTK.from_jacobian(_factor(200, 300, torch.ones(200, dtype=torch.float64)))
+    e = nk.trace(K, method="auto", num_probes=60, seed=0)
+    assert e.method == "vjp"  # D < P
+    assert "flat" in e.info["reason"] and e.info["pilot_passes"] == 12
+    assert e.passes == 60 + 6  # the pilot's 6 VJPs are the one-sided method's first 6 probes
+
+
+def test_auto_pilots_on_the_jvp_side_when_p_is_smaller() -> None:
+    K = nk.NTK.from_jacobian(_factor(300, 120, torch.linspace(0.5, 1.5, 120, dtype=torch.float64)))
+    e = nk.trace(K, method="auto", num_probes=80, seed=0)
+    assert e.method == "jvp" and e.info["pilot"]["side"] == "jvp"
+    assert e.jvp_passes == 80 and e.vjp_passes == 8  # pilot JVPs reused, its 8 VJPs extra
+
+
+def test_auto_with_tolerance(K: nk.FactoredKernel) -> None:
+    big = nk.NTK.from_jacobian(_factor(200, 300, torch.arange(1, 201, dtype=torch.float64) ** -0.3))
+    e = nk.trace(big, method="auto", seed=0, rtol=0.01)
+    assert e.converged and "reason" in e.info
+    assert abs(e.value - ex.exact_trace(big)) <= 4 * e.stderr + 1e-9

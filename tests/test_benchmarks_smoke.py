@@ -1,0 +1,66 @@
+"""A tiny run of the benchmark suite: every section runs and writes its JSON, Markdown and PNGs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def suite():  # type: ignore[no-untyped-def]
+    sys.path.insert(0, str(BENCH))
+    try:
+        import run
+
+        yield run
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_tiny_suite(suite, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    base = suite.config
+
+    def tiny(quick: bool, seeds: int | None) -> dict:
+        cfg = base(True, seeds)
+        cfg.update(
+            mlp={"n": 6, "d_in": 100, "width": 8, "layers": 3},
+            gru={"T": 5, "B": 3, "H": 6},
+            digits={"n_test": 8, "epochs": 1},
+            budgets={"mlp": [24], "gru": [24], "digits": [24]},
+            speedup_sizes={"gru": [(5, 3, 6)]},
+            speedup_budgets=[24, 96],
+            speedup_seeds=2,
+            tolerances=[0.5],
+            peer_budgets=[8],
+            peer_seeds=1,
+            floor_passes=16,
+            repeats=1,
+            scaling_sizes={"gru": [(5, 3, 6)]},
+            scaling_probes=4,
+            scaling_chunk=2,
+        )
+        return cfg
+
+    monkeypatch.setattr(suite, "config", tiny)
+    sections = ["floors", "accuracy", "speedup", "scaling"]
+    res = suite.main(["--quick", "--seeds", "2", "--out", str(tmp_path), "--only", ",".join(sections)])
+    for name in sections:
+        assert "error" not in res[name], res[name]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["mode"] == "quick"
+    md = (tmp_path / "results.md").read_text()
+    assert "Floors" in md and "Accuracy" in md and "Scaling" in md
+    assert (tmp_path / "accuracy_gru.png").stat().st_size > 0
+    assert (tmp_path / "scaling.png").exists() and (tmp_path / "floors.png").exists()
+    # the exact values the accuracy section compares against are the library's exact ones
+    ex = saved["accuracy"]["exact"]["gru"]
+    assert ex["D"] == 5 * 3 * 6 and ex["trace"] > 0 and 1 <= ex["effective_rank"] <= ex["D"]
+    errs = [r["err_median"] for r in saved["accuracy"]["rows"] if "err_median" in r]
+    assert errs and all(e >= 0 for e in errs)
+    sc = saved["scaling"]["rows"][0]
+    assert sc["D"] == 90 and sc["peak_rss_mib"] > 0

@@ -1,0 +1,376 @@
+"""Generic operators, reproducibility, safety (the model is never changed), clear errors, and
+honest pass accounting."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+import scipy.sparse.linalg as sla
+import torch
+from torch import nn
+
+import models as Z
+import ntkscope as nk
+from ntkscope import exact as ex
+
+TWO_SIDED = ["exact", "hutchinson", "hutchpp", "xtrace", "auto"]
+ALL_METHODS = ["exact", "hutchinson", "hutchpp", "xtrace", "vjp", "jvp", "vjp_proj", "jvp_proj", "auto"]
+RATIO_METHODS = ["exact", "hutchinson", "hutchpp", "xtrace", "vjp", "jvp", "auto"]
+
+
+def _estimate_key(e: nk.Estimate) -> tuple[Any, ...]:
+    info = {k: v for k, v in e.info.items() if k not in ("reason",)}
+    return (e.value, e.stderr, e.jvp_passes, e.vjp_passes, e.num_probes, e.method, e.quantity, e.exact, repr(info))
+
+
+# -- generic operators -----------------------------------------------------------------------
+
+
+def _generic_kernels() -> tuple[torch.Tensor, list[Any]]:
+    g = torch.Generator().manual_seed(0)
+    B = torch.randn(30, 12, generator=g, dtype=torch.float64)
+    K = B @ B.T
+    Kn = K.numpy()
+    return K, [
+        K,
+        nk.DenseOperator(K),
+        sla.aslinearoperator(Kn),
+        sla.LinearOperator((30, 30), matvec=lambda v: Kn @ v, matmat=lambda V: Kn @ V, dtype=np.float64),
+        nk.CallableOperator(lambda V: K @ V, 30),
+        nk.as_operator(lambda V: K @ V, dim=30),
+    ]
+
+
+@pytest.mark.parametrize("method", TWO_SIDED)
+def test_generic_operators_agree(method: str) -> None:
+    K, ops = _generic_kernels()
+    y = torch.arange(30, dtype=torch.float64) - 10
+    K2 = K + torch.eye(30, dtype=torch.float64)
+
+    def run(op: Any) -> list[float]:
+        return [
+            nk.trace(op, method=method, num_probes=12, seed=1).value,
+            nk.frobenius_norm(op, method=method, num_probes=12, seed=1).value,
+            nk.effective_rank(op, method=method, num_probes=12, seed=1).value,
+            nk.alignment(op, K2, method=method, num_probes=12, seed=1).value,
+            nk.target_alignment(op, y, method=method, num_probes=12, seed=1).value,
+        ]
+
+    ref = run(ops[0])
+    for op in ops[1:]:
+        assert np.allclose(run(op), ref, rtol=1e-12, atol=0), type(op).__name__
+    exact = [float(torch.trace(K)), float(K.norm())]
+    assert np.allclose(ref[:2], exact, rtol=0.5)  # sanity: the right magnitude
+    if method == "exact":
+        assert np.allclose(ref[:2], exact, rtol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["vjp", "jvp", "vjp_proj", "jvp_proj"])
+def test_generic_operators_refuse_one_sided(method: str) -> None:
+    K, ops = _generic_kernels()
+    for op in ops:
+        with pytest.raises(ValueError, match="one-sided and needs the factor J"):
+            nk.trace(op, method=method, num_probes=8, seed=0)
+
+
+def test_bare_callable_needs_its_dimension() -> None:
+    with pytest.raises(ValueError, match="needs its dimension"):
+        nk.trace(lambda V: V, method="hutchinson", num_probes=4, seed=0)
+
+
+# -- reproducibility -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_same_seed_same_estimate_and_chunk_invariance(method: str) -> None:
+    case = Z.gru_loop(torch.float64)
+    if method == "auto":  # auto picks by measured pass times; once resolved, the seed fixes the value
+        e = nk.trace(case.ntk(), method=method, num_probes=20, seed=5)
+        assert math.isclose(e.value, nk.trace(case.ntk(), method=e.method, num_probes=20, seed=5).value, rel_tol=1e-12)
+        return
+    a = nk.trace(case.ntk(), method=method, num_probes=20, seed=5)
+    b = nk.trace(case.ntk(), method=method, num_probes=20, seed=5)
+    assert _estimate_key(a) == _estimate_key(b)
+    for chunk in (1, 3, 7):
+        c = nk.trace(case.ntk(chunk_size=chunk), method=method, num_probes=20, seed=5)
+        d = nk.trace(case.ntk(), method=method, num_probes=20, seed=5, chunk_size=chunk)
+        for e in (c, d):
+            assert math.isclose(e.value, a.value, rel_tol=1e-12), (chunk, e.value, a.value)
+            assert (e.jvp_passes, e.vjp_passes) == (a.jvp_passes, a.vjp_passes)
+    if method != "exact":
+        assert nk.trace(case.ntk(), method=method, num_probes=20, seed=6).value != a.value
+
+
+@pytest.mark.parametrize("metric", ["frobenius_norm", "effective_rank", "alignment", "target_alignment"])
+def test_ratios_reproducible_and_chunk_invariant(metric: str) -> None:
+    case = Z.mlp(torch.float64)
+    y = torch.ones(case.ntk().state_shape, dtype=torch.float64)
+
+    def run(method: str, **kw: Any) -> nk.Estimate:
+        K = case.ntk()
+        if metric == "alignment":
+            return nk.alignment(K, case.ntk(), method=method, num_probes=12, **kw)
+        if metric == "target_alignment":
+            return nk.target_alignment(K, y, method=method, num_probes=12, **kw)
+        return getattr(nk, metric)(K, method=method, num_probes=12, **kw)  # type: ignore[no-any-return]
+
+    for method in ["hutchinson", "hutchpp", "xtrace", "vjp", "jvp"]:
+        a = run(method, seed=3)
+        assert _estimate_key(run(method, seed=3)) == _estimate_key(a)
+        assert math.isclose(run(method, seed=3, chunk_size=2).value, a.value, rel_tol=1e-12)
+
+
+def test_torch_generator_seed() -> None:
+    K = Z.rnn(torch.float64).ntk()
+    a = nk.trace(K, method="hutchinson", num_probes=8, seed=torch.Generator().manual_seed(3))
+    b = nk.trace(K, method="hutchinson", num_probes=8, seed=torch.Generator().manual_seed(3))
+    assert a.value == b.value
+    g = torch.Generator().manual_seed(3)
+    c, d = (nk.trace(K, method="hutchinson", num_probes=8, seed=g) for _ in range(2))
+    assert c.value == a.value and d.value != c.value  # the generator advances
+    with pytest.raises(TypeError, match="seed must be"):
+        nk.trace(K, method="hutchinson", num_probes=8, seed=1.5)  # type: ignore[arg-type]
+
+
+# -- safety ----------------------------------------------------------------------------------
+
+
+def _snapshot(model: nn.Module) -> dict[str, Any]:
+    return {
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "buffers": {n: b.clone() for n, b in model.named_buffers()},
+        "grads": {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "training": {n: m.training for n, m in model.named_modules()},
+        "ids": {n: id(p) for n, p in model.named_parameters()},
+    }
+
+
+def _same(a: dict[str, Any], b: dict[str, Any]) -> None:
+    assert a["requires_grad"] == b["requires_grad"] and a["training"] == b["training"] and a["ids"] == b["ids"]
+    for key in ("params", "buffers", "grads"):
+        assert a[key].keys() == b[key].keys(), key
+        for n in a[key]:
+            x, y = a[key][n], b[key][n]
+            assert (x is None and y is None) or (x is not None and y is not None and torch.equal(x, y)), (key, n)
+
+
+@pytest.mark.parametrize(
+    "case", [f(torch.float64) for f in Z.FACTORIES.values()] + [Z.cnn_bn(torch.float32, train=True)], ids=repr
+)
+def test_analysis_leaves_the_model_unchanged(case: Z.Case) -> None:
+    model = case.model
+    params = list(model.parameters())
+    params[0].grad = torch.full_like(params[0], 0.5)  # one .grad set, the others None
+    if len(params) > 2 and case.fn is None:
+        params[-1].requires_grad_(False)  # a frozen parameter stays frozen (and is excluded)
+    before = _snapshot(model)
+    inputs_before = case.inputs.clone()
+    K = case.ntk()
+    if len(params) > 2 and case.fn is None:
+        assert K.num_params == sum(p.numel() for p in params[:-1])
+    y = torch.randn(K.dim, generator=torch.Generator().manual_seed(0), dtype=K.dtype)
+    for method in ALL_METHODS:
+        nk.trace(K, method=method, num_probes=8, seed=0)
+    for method in RATIO_METHODS:
+        nk.frobenius_norm(K, method=method, num_probes=8, seed=0)
+        nk.effective_rank(K, method=method, num_probes=8, seed=0)
+        nk.alignment(K, case.ntk(), method=method, num_probes=8, seed=0)
+        nk.target_alignment(K, y, method=method, num_probes=8, seed=0)
+    U = torch.randn(K.num_params, 3, dtype=K.dtype)
+    V = torch.randn(K.dim, 1, dtype=K.dtype)
+    U0, V0, y0 = U.clone(), V.clone(), y.clone()
+    K.jvp(U), K.vjp(V), K.vjp(V[:, 0]), K.matmat(V), K.jvp(U[:, 0])
+    assert torch.equal(U, U0) and torch.equal(V, V0) and torch.equal(y, y0)  # probes are never modified
+    _same(before, _snapshot(model))
+    assert torch.equal(case.inputs, inputs_before)
+
+
+# -- errors ----------------------------------------------------------------------------------
+
+
+def test_clear_errors() -> None:
+    case = Z.mlp(torch.float64)
+    model, X, _ = case
+    K = case.ntk()
+    with pytest.raises(ValueError, match=r"failed on the given inputs \(input shapes \(5, 7\)\)"):
+        nk.NTK(model, torch.randn(5, 7, dtype=torch.float64))
+    frozen = Z.mlp(torch.float64).model.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        nk.NTK(frozen, X)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        nk.NTK.from_function(lambda p, x: x, {}, X)
+    with pytest.raises(ValueError, match="non-finite outputs"):
+        nk.NTK(model, X, output=lambda z: z / 0.0 * torch.where(z > 0, 1.0, 1.0))
+    with pytest.raises(ValueError, match="inputs contain non-finite values"):
+        nk.NTK(model, torch.full_like(X, float("nan")))
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match="num_probes must be >= 1"):
+            nk.trace(K, method="hutchinson", num_probes=bad)
+    with pytest.raises(TypeError, match="num_probes must be an int"):
+        nk.trace(K, method="hutchinson", num_probes=2.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown method 'fast'; choose one of"):
+        nk.trace(K, method="fast")
+    with pytest.raises(ValueError, match="unknown probe distribution 'uniform'"):
+        nk.trace(K, method="hutchinson", num_probes=4, probes="uniform")
+    with pytest.raises(ValueError, match="same inputs: the two NTKs were built on different inputs"):
+        nk.alignment(K, nk.NTK(model, X + 1), method="exact")
+    with pytest.raises(ValueError, match="state dimensions differ"):
+        nk.alignment(K, nk.NTK(model, X[:3]), method="exact")
+    with pytest.raises(ValueError, match=r"targets of shape \(4,\) do not match the state of shape \(5, 3\)"):
+        nk.target_alignment(K, torch.ones(4, dtype=torch.float64), method="exact")
+    with pytest.raises(ValueError, match="targets are all zero"):
+        nk.target_alignment(K, torch.zeros(5, 3, dtype=torch.float64), method="exact")
+    with pytest.raises(ValueError, match="need num_probes >= 2"):
+        nk.frobenius_norm(K, method="vjp", num_probes=1, seed=0)
+    with pytest.raises(ValueError, match="not the state|output="):
+        nk.NTK(Z.gru(torch.float64).model, Z.gru(torch.float64).inputs)  # returns a tuple: needs output=
+
+
+def test_zero_kernel_in_ratios() -> None:
+    zero = nk.NTK.from_jacobian(torch.zeros(6, 4, dtype=torch.float64))
+    for method in ["exact", "hutchinson", "hutchpp", "xtrace", "vjp", "jvp"]:
+        with pytest.raises(ValueError, match="is zero: the kernel vanishes"):
+            nk.effective_rank(zero, method=method, num_probes=4, seed=0)
+        with pytest.raises(ValueError, match="is zero: the kernel vanishes"):
+            nk.alignment(zero, zero, method=method, num_probes=4, seed=0)
+        with pytest.raises(ValueError, match="is zero: the kernel vanishes"):
+            nk.target_alignment(zero, torch.ones(6, dtype=torch.float64), method=method, num_probes=4, seed=0)
+    assert nk.trace(zero, method="hutchinson", num_probes=4, seed=0).value == 0.0
+
+
+def test_active_dropout_is_refused() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 2)).double()
+    X = torch.randn(5, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"Dropout, p=0.5\) is random in training mode.*model.eval\(\)"):
+        nk.NTK(model, X)
+    e = nk.trace(nk.NTK(model.eval(), X), method="exact")  # eval mode: fine
+    assert e.value > 0 and not model.training
+
+    def fn(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:  # functional dropout inside vmap
+        return nn.functional.dropout(x @ p["W"], 0.5, training=True)
+
+    W = torch.randn(3, 2, dtype=torch.float64)
+    state = torch.random.get_rng_state()
+    with pytest.raises(ValueError, match="is random: two forward passes on the same inputs differ"):
+        nk.NTK.from_function(fn, {"W": W}, X)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the user's random stream did not move
+
+
+def test_mixed_or_bad_parameters() -> None:
+    case = Z.mlp(torch.float64)
+    with pytest.raises(ValueError, match="unknown parameter names"):
+        nk.NTK(case.model, case.inputs, params={"nope": torch.zeros(1)})
+    with pytest.raises(ValueError, match="expected a tensor of shape"):
+        nk.NTK(case.model, case.inputs, params={"0.weight": torch.zeros(2, dtype=torch.float64)})
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        nk.NTK(case.model, case.inputs, chunk_size=0)
+    with pytest.raises(ValueError, match="unknown path"):
+        nk.NTK(case.model, case.inputs, jvp_path="warp-drive")
+
+
+# -- pass accounting -------------------------------------------------------------------------
+
+
+class _Counting:
+    """Counts the columns that really reach ``_jvp``/``_vjp`` of an operator."""
+
+    def __init__(self, op: Any) -> None:
+        self.jvp = self.vjp = 0
+        orig_j, orig_v = op._jvp, op._vjp
+
+        def j(U: torch.Tensor) -> torch.Tensor:
+            self.jvp += U.shape[1]
+            return orig_j(U)
+
+        def v(V: torch.Tensor) -> torch.Tensor:
+            self.vjp += V.shape[1]
+            return orig_v(V)
+
+        orig_sq = op.sqnorms
+
+        def sq(side: str, X: torch.Tensor) -> torch.Tensor:  # a fast path may answer without _jvp/_vjp
+            before = (self.jvp, self.vjp)
+            out = orig_sq(side, X)
+            if (self.jvp, self.vjp) == before:
+                cols = X.shape[1] if X.dim() == 2 else 1
+                if side == "vjp":
+                    self.vjp += cols
+                else:
+                    self.jvp += cols
+            return out
+
+        op._jvp, op._vjp, op.sqnorms = j, v, sq
+
+
+@pytest.mark.parametrize("fast", [False, None])
+def test_pass_accounting(fast: bool | None) -> None:
+    case = Z.gru(torch.float64)  # D = 32, P = 108; fast=None uses the fast GRU path
+
+    def fresh() -> tuple[nk.NTK, _Counting]:
+        K = case.ntk(fast=fast)
+        if fast is None:  # the fast path's one-off self-check runs un-counted before the counting starts
+            K.jvp(torch.zeros(K.num_params, 1, dtype=K.dtype)), K.vjp(torch.zeros(K.dim, 1, dtype=K.dtype))
+        return K, _Counting(K)
+
+    m = 12
+    expected = {  # (jvp, vjp) for the trace with m probes
+        "exact": (0, 32),  # D ≤ P: the D state basis vectors through Jᵀ
+        "hutchinson": (m, m),
+        "hutchpp": (m, m),
+        "xtrace": (m, m),
+        "vjp": (0, m),
+        "jvp": (m, 0),
+        "vjp_proj": (0, m),
+        "jvp_proj": (m, 0),
+    }
+    for method, (nj, nv) in expected.items():
+        K, c = fresh()
+        e = nk.trace(K, method=method, num_probes=m, seed=0)
+        assert (e.jvp_passes, e.vjp_passes) == (c.jvp, c.vjp) == (nj, nv), method
+        assert e.num_probes == (0 if method == "exact" else m)
+    y = torch.ones(K.dim, dtype=K.dtype)
+    for method in RATIO_METHODS:
+        for name, call in {
+            "frobenius_norm": lambda K: nk.frobenius_norm(K, method=method, num_probes=m, seed=0),
+            "effective_rank": lambda K: nk.effective_rank(K, method=method, num_probes=m, seed=0),
+            "target_alignment": lambda K: nk.target_alignment(K, y, method=method, num_probes=m, seed=0),
+        }.items():
+            K, c = fresh()
+            e = call(K)
+            assert (e.jvp_passes, e.vjp_passes) == (c.jvp, c.vjp), (name, method)
+            assert e.passes > 0
+        K, c = fresh()
+        K2, c2 = fresh()
+        e = nk.alignment(K, K2, method=method, num_probes=m, seed=0)
+        assert (e.jvp_passes, e.vjp_passes) == (c.jvp + c2.jvp, c.vjp + c2.vjp), ("alignment", method)
+    # one-sided ratios use one mode only
+    K, c = fresh()
+    e = nk.effective_rank(K, method="jvp", num_probes=m, seed=0)
+    assert (e.jvp_passes, e.vjp_passes) == (m, 0)
+    K, c = fresh()
+    e = nk.frobenius_norm(K, method="vjp", num_probes=m, seed=0)
+    assert (e.jvp_passes, e.vjp_passes) == (0, m)
+
+
+def test_exact_side_needs_no_pilot_passes() -> None:
+    """The exact path uses min(D, P) passes of the smaller side and nothing else."""
+    case = Z.cnn_bn(torch.float64)  # D = 12 < P = 210
+    K = case.ntk()
+    e = nk.trace(K, method="exact")
+    assert (e.jvp_passes, e.vjp_passes) == (0, 12)
+    K = nk.NTK.from_jacobian(ex.jacobian(Z.mlp(torch.float64).ntk()).T.contiguous())  # D = 51 > P = 15
+    e = nk.trace(K, method="exact")
+    assert (e.jvp_passes, e.vjp_passes) == (15, 0)
+
+
+def test_one_sample_has_unknown_stderr() -> None:
+    """A single random sample carries no spread: its standard error is inf, never 0."""
+    K = nk.NTK.from_jacobian(torch.randn(10, 20, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    for method in ["hutchinson", "vjp", "jvp", "hutchpp"]:
+        assert nk.trace(K, method=method, num_probes=1, seed=0).stderr == math.inf
+    assert nk.trace(K, method="hutchpp", num_probes=3, seed=0).stderr == math.inf  # 1 residual probe
+    assert math.isfinite(nk.trace(K, method="hutchinson", num_probes=2, seed=0).stderr)  # type: ignore[arg-type]
