@@ -33,27 +33,19 @@ import torch
 import ntkscope as nk
 from ntkscope import exact as ex
 from ntkscope import spectrum as sp
+from ntkscope.tasks import jacobian_with_spectrum
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def factor(D: int, P: int, lam: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """``J = U diag(√λ) Vᵀ`` with Haar U, V: K = J Jᵀ has eigenvalues λ (and zeros)."""
-    g = torch.Generator().manual_seed(seed)
-    r = lam.numel()
-    U, _ = torch.linalg.qr(torch.randn(D, r, dtype=torch.float64, generator=g))
-    V, _ = torch.linalg.qr(torch.randn(P, r, dtype=torch.float64, generator=g))
-    return U @ torch.diag(lam.sqrt()) @ V.T
 
 
 def kernel_family(quick: bool) -> dict[str, Any]:
     D, P = 200, 300
     i = torch.arange(1, D + 1, dtype=torch.float64)
     fam: dict[str, Any] = {
-        "flat": nk.NTK.from_jacobian(factor(D, P, torch.ones(D, dtype=torch.float64))),
-        "λ=i^-0.5": nk.NTK.from_jacobian(factor(D, P, i**-0.5)),
-        "λ=1/i": nk.NTK.from_jacobian(factor(D, P, i**-1.0)),
-        "λ=i^-1.5": nk.NTK.from_jacobian(factor(D, P, i**-1.5)),
+        "flat": nk.NTK.from_jacobian(jacobian_with_spectrum(D, P, torch.ones(D, dtype=torch.float64))),
+        "λ=i^-0.5": nk.NTK.from_jacobian(jacobian_with_spectrum(D, P, i**-0.5)),
+        "λ=1/i": nk.NTK.from_jacobian(jacobian_with_spectrum(D, P, i**-1.0)),
+        "λ=i^-1.5": nk.NTK.from_jacobian(jacobian_with_spectrum(D, P, i**-1.5)),
     }
     if not quick:
         torch.manual_seed(0)
@@ -112,7 +104,7 @@ def bench_stopping(seeds: int, quick: bool) -> list[dict[str, Any]]:
 
 
 def bench_coverage(seeds: int, methods: list[str], m: int) -> list[dict[str, Any]]:
-    J1 = factor(60, 90, torch.arange(1, 61, dtype=torch.float64) ** -1.0)
+    J1 = jacobian_with_spectrum(60, 90, torch.arange(1, 61, dtype=torch.float64) ** -1.0)
     g = torch.Generator().manual_seed(5)
     J2 = J1 + 0.7 * torch.randn(60, 90, dtype=torch.float64, generator=g) / 90**0.5
     y = torch.randn(60, dtype=torch.float64, generator=g)
@@ -199,9 +191,9 @@ def bench_spectrum() -> list[dict[str, Any]]:
 def bench_auto() -> list[dict[str, Any]]:
     D, P, m = 400, 600, 90
     cases = {
-        "rank 20": factor(D, P, 0.8 ** torch.arange(20, dtype=torch.float64)),
-        "λ=i^-2": factor(D, P, torch.arange(1, D + 1, dtype=torch.float64) ** -2.0),
-        "flat (λ uniform in [0.5, 1.5])": factor(D, P, torch.linspace(0.5, 1.5, D, dtype=torch.float64)),
+        "rank 20": jacobian_with_spectrum(D, P, 0.8 ** torch.arange(20, dtype=torch.float64)),
+        "λ=i^-2": jacobian_with_spectrum(D, P, torch.arange(1, D + 1, dtype=torch.float64) ** -2.0),
+        "flat (λ uniform in [0.5, 1.5])": jacobian_with_spectrum(D, P, torch.linspace(0.5, 1.5, D, dtype=torch.float64)),
     }
     rows = []
     for name, J in cases.items():

@@ -40,6 +40,15 @@ def gru_setting(T: int = 50, B: int = 15, H: int = 64, I: int = 10, seed: int = 
     return nn.GRU(I, H), x
 
 
+def paper_setting(name: str, cfg: dict) -> tuple[nn.Module, torch.Tensor, int | None]:
+    """``(model, inputs, output)`` of the paper's ``"mlp"`` or ``"gru"`` setting (``cfg[name]`` its sizes)."""
+    if name == "mlp":
+        model, x = mlp_setting(**cfg["mlp"])
+        return model, x, None
+    model, x = gru_setting(**cfg["gru"])
+    return model, x, 0
+
+
 def digits_setting(n_test: int = 128, epochs: int = 5, seed: int = 0) -> tuple[nn.Module, dict[str, torch.Tensor], torch.Tensor, float]:
     """Trained digits MLP: (model at the end, its initial parameters, test inputs, test accuracy)."""
     from ntkscope import tasks

@@ -242,12 +242,7 @@ def section_peers(cfg: dict) -> dict:
             return out[self.output] if self.output is not None else out
 
     for name in ("mlp", "gru"):
-        if name == "mlp":
-            model, x = C.mlp_setting(**cfg["mlp"])
-            output: int | None = None
-        else:
-            model, x = C.gru_setting(**cfg["gru"])
-            output = 0
+        model, x, output = C.paper_setting(name, cfg)
         K = nk.NTK(model, x, output=output)
         truth = ex.exact_trace(K)
         wrapped = _State(model, output)
@@ -293,12 +288,7 @@ def section_floors(cfg: dict) -> dict:
     m = cfg["floor_passes"]
     reps = cfg["repeats"]
     for name in ("mlp", "gru"):
-        if name == "mlp":
-            model, x = C.mlp_setting(**cfg["mlp"])
-            output: int | None = None
-        else:
-            model, x = C.gru_setting(**cfg["gru"])
-            output = 0
+        model, x, output = C.paper_setting(name, cfg)
         K = nk.NTK(model, x, output=output)
         vjp_b, jvp_b, D, P = C.bare_funcs(model, x, output)
         chunk = K.chunk_size

@@ -10,19 +10,12 @@ import torch
 import ntkscope as nk
 from ntkscope import exact as ex
 from ntkscope.adaptive import ConvergenceWarning
-
-
-def _factor(D: int, P: int, spectrum: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    r = spectrum.numel()
-    U, _ = torch.linalg.qr(torch.randn(D, r, dtype=torch.float64, generator=g))
-    V, _ = torch.linalg.qr(torch.randn(P, r, dtype=torch.float64, generator=g))
-    return U @ torch.diag(spectrum.sqrt()) @ V.T
+from ntkscope.tasks import jacobian_with_spectrum
 
 
 @pytest.fixture(scope="module")
 def K() -> nk.FactoredKernel:
-    return nk.NTK.from_jacobian(_factor(50, 70, torch.arange(1, 51, dtype=torch.float64) ** -1.0))
+    return nk.NTK.from_jacobian(jacobian_with_spectrum(50, 70, torch.arange(1, 51, dtype=torch.float64) ** -1.0))
 
 
 @pytest.mark.parametrize("method", ["vjp", "jvp", "hutchinson", "hutchpp", "xtrace"])
@@ -55,7 +48,7 @@ def test_two_sided_hutchinson_reuses_matvecs(K: nk.FactoredKernel) -> None:
 @pytest.mark.parametrize("metric", ["frobenius_norm", "effective_rank", "alignment", "target_alignment"])
 def test_ratio_metrics_accept_tolerances(K: nk.FactoredKernel, metric: str) -> None:
     y = torch.linspace(-1, 1, 50, dtype=torch.float64)
-    K2 = nk.NTK.from_jacobian(_factor(50, 70, torch.arange(1, 51, dtype=torch.float64) ** -0.5, seed=1))
+    K2 = nk.NTK.from_jacobian(jacobian_with_spectrum(50, 70, torch.arange(1, 51, dtype=torch.float64) ** -0.5, seed=1))
     call = {
         "frobenius_norm": lambda **k: nk.frobenius_norm(K, **k),
         "effective_rank": lambda **k: nk.effective_rank(K, **k),
@@ -90,7 +83,7 @@ def test_max_passes_alone_spends_the_budget(K: nk.FactoredKernel) -> None:
 
 
 def test_xtrace_stops_at_its_dimension_limit() -> None:
-    K = nk.NTK.from_jacobian(_factor(40, 60, torch.arange(1, 41, dtype=torch.float64) ** -0.5))
+    K = nk.NTK.from_jacobian(jacobian_with_spectrum(40, 60, torch.arange(1, 41, dtype=torch.float64) ** -0.5))
     with pytest.warns(ConvergenceWarning, match="probe limit"):
         e = nk.trace(K, method="xtrace", seed=0, num_probes=4, rtol=1e-12)
     assert e.num_probes <= 39
@@ -108,17 +101,17 @@ def test_bad_tolerances(K: nk.FactoredKernel, kw: dict) -> None:
 
 
 def test_auto_picks_hutchpp_for_low_rank_and_reuses_pilot() -> None:
-    K = nk.NTK.from_jacobian(_factor(200, 300, torch.tensor([5.0, 3.0, 2.0, 1.0, 0.5], dtype=torch.float64)))
+    K = nk.NTK.from_jacobian(jacobian_with_spectrum(200, 300, torch.tensor([5.0, 3.0, 2.0, 1.0, 0.5], dtype=torch.float64)))
     e = nk.trace(K, method="auto", num_probes=60, seed=0)
     assert e.method == "hutchpp"
     assert "spans" in e.info["reason"]
     assert e.info["pilot_passes"] == 12  # ℓ = 60 // 10 columns, a VJP and a JVP each
-    assert e.passes == 2 * 60 + 12
+    assert e.passes == 2 * (60 // 2) + 12  # auto reads num_probes as an AD-pass budget: 30 K-matvecs
     assert e.value == pytest.approx(ex.exact_trace(K), rel=1e-9)
 
 
 def test_auto_stays_one_sided_for_a_flat_spectrum() -> None:
-    K = nk.NTK.from_jacobian(_factor(200, 300, torch.ones(200, dtype=torch.float64)))
+    K = nk.NTK.from_jacobian(jacobian_with_spectrum(200, 300, torch.ones(200, dtype=torch.float64)))
     e = nk.trace(K, method="auto", num_probes=60, seed=0)
     assert e.method == "vjp"  # D < P
     assert "flat" in e.info["reason"] and e.info["pilot_passes"] == 12
@@ -126,14 +119,14 @@ def test_auto_stays_one_sided_for_a_flat_spectrum() -> None:
 
 
 def test_auto_pilots_on_the_jvp_side_when_p_is_smaller() -> None:
-    K = nk.NTK.from_jacobian(_factor(300, 120, torch.linspace(0.5, 1.5, 120, dtype=torch.float64)))
+    K = nk.NTK.from_jacobian(jacobian_with_spectrum(300, 120, torch.linspace(0.5, 1.5, 120, dtype=torch.float64)))
     e = nk.trace(K, method="auto", num_probes=80, seed=0)
     assert e.method == "jvp" and e.info["pilot"]["side"] == "jvp"
     assert e.jvp_passes == 80 and e.vjp_passes == 8  # pilot JVPs reused, its 8 VJPs extra
 
 
 def test_auto_with_tolerance(K: nk.FactoredKernel) -> None:
-    big = nk.NTK.from_jacobian(_factor(200, 300, torch.arange(1, 201, dtype=torch.float64) ** -0.3))
+    big = nk.NTK.from_jacobian(jacobian_with_spectrum(200, 300, torch.arange(1, 201, dtype=torch.float64) ** -0.3))
     e = nk.trace(big, method="auto", seed=0, rtol=0.01)
     assert e.converged and "reason" in e.info
     assert abs(e.value - ex.exact_trace(big)) <= 4 * e.stderr + 1e-9

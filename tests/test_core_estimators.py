@@ -311,7 +311,8 @@ def test_hutchpp_exact_for_low_rank(generic: bool) -> None:
     tr, fro2 = float(torch.trace(Kd)), float(Kd.square().sum())
     for seed in range(5):
         e = nk.trace(K, method="hutchpp", num_probes=12, seed=seed)  # 4 sketch columns ≥ rank 3
-        assert abs(e.value - tr) < 1e-10 * tr and e.info["sketch_size"] == 4
+        # the factored kernel runs on G = JᵀJ (3×3, smaller than K): its sketch is capped at 3
+        assert abs(e.value - tr) < 1e-10 * tr and e.info["sketch_size"] == (4 if generic else 3)
         f = nk.frobenius_norm(K, method="hutchpp", num_probes=12, seed=seed, squared=True)
         assert abs(f.value - fro2) < 1e-10 * fro2
     e = nk.trace(K, method="hutchpp", num_probes=6, seed=0)  # 2 sketch columns < rank: not exact

@@ -15,17 +15,15 @@ import pytest
 import torch
 
 import ntkscope as nk
+from ntkscope.tasks import jacobian_with_spectrum
 
 SEEDS = 200
 M = 120
 
 
 def _factor(D: int, P: int, alpha: float, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    U, _ = torch.linalg.qr(torch.randn(D, D, dtype=torch.float64, generator=g))
-    V, _ = torch.linalg.qr(torch.randn(P, D, dtype=torch.float64, generator=g))
-    s = torch.arange(1, D + 1, dtype=torch.float64) ** (-alpha / 2)
-    return U @ torch.diag(s) @ V.T
+    """A Jacobian whose NTK has eigenvalues i^-alpha, i = 1..D."""
+    return jacobian_with_spectrum(D, P, torch.arange(1, D + 1, dtype=torch.float64) ** -alpha, seed=seed)
 
 
 @pytest.fixture(scope="module")

@@ -10,22 +10,14 @@ import torch
 import ntkscope as nk
 from ntkscope import exact as ex
 from ntkscope import spectrum as sp
-
-
-def _factor(D: int, P: int, spectrum: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    r = spectrum.numel()
-    U, _ = torch.linalg.qr(torch.randn(D, r, dtype=torch.float64, generator=g))
-    V, _ = torch.linalg.qr(torch.randn(P, r, dtype=torch.float64, generator=g))
-    return U @ torch.diag(spectrum.sqrt()) @ V.T
-
+from ntkscope.tasks import jacobian_with_spectrum
 
 LAM = 0.8 ** torch.arange(60, dtype=torch.float64)  # geometric decay
 
 
 @pytest.fixture(scope="module")
 def K() -> nk.FactoredKernel:
-    return nk.NTK.from_jacobian(_factor(60, 80, LAM))
+    return nk.NTK.from_jacobian(jacobian_with_spectrum(60, 80, LAM))
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +103,7 @@ def test_entropy_effective_rank_slq_vs_exact(mlp: nk.NTK, mlp_eigs: torch.Tensor
 
 def test_slq_is_exact_for_low_rank() -> None:
     lam = torch.tensor([3.0, 1.0, 0.25], dtype=torch.float64)
-    K = nk.NTK.from_jacobian(_factor(40, 30, lam))
+    K = nk.NTK.from_jacobian(jacobian_with_spectrum(40, 30, lam))
     e = sp.entropy_effective_rank(K, num_probes=5, steps=20, seed=0)
     # Lanczos meets the 3-dimensional invariant subspace: ≤ 4 steps, quadrature exact
     assert e.passes <= 2 * 5 * 4

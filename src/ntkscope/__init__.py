@@ -7,6 +7,13 @@ Public API (the contract other tools build on):
 * :func:`trace`, :func:`frobenius_norm`, :func:`effective_rank`, :func:`alignment`,
   :func:`target_alignment` — each returns an :class:`Estimate` (value, stderr, passes, ...).
 * :class:`Method` and :class:`Probe` — the documented choices.
+* Recurrent nets: :func:`hidden_ntk`, :func:`step_ntk` (the NTK over the hidden trajectory) and
+  :func:`structure` / :func:`block_traces` (partial traces and blocks over named axes).
+* Transformers: :func:`transformer_ntk`.  Spectrum: :func:`top_eigenvalues`,
+  :func:`spectral_density`, :func:`entropy_effective_rank`.
+* Submodules: ``ntkscope.differentiable`` (statistics as training losses),
+  ``ntkscope.distributed`` (torch.distributed probe- and data-parallel), ``ntkscope.plot``,
+  ``ntkscope.tasks`` (built-in data and models), ``ntkscope.exact`` (dense reference).
 """
 
 from .adaptive import ConvergenceWarning
@@ -14,7 +21,10 @@ from .estimate import Estimate
 from .metrics import Method, alignment, choose_method, effective_rank, frobenius_norm, target_alignment, trace
 from .operators import NTK, CallableOperator, DenseOperator, FactoredKernel, KernelOperator, as_operator
 from .probes import Probe
+from .recurrent import RecurrentNTK, hidden_ntk, step_ntk
 from .spectrum import entropy_effective_rank, spectral_density, top_eigenvalues
+from .structure import block_effective_rank, block_frobenius, block_traces, structure
+from .transformer import transformer_ntk
 
 __version__ = "0.1.0"
 
@@ -38,4 +48,12 @@ __all__ = [
     "top_eigenvalues",
     "spectral_density",
     "entropy_effective_rank",
+    "RecurrentNTK",
+    "hidden_ntk",
+    "step_ntk",
+    "structure",
+    "block_traces",
+    "block_frobenius",
+    "block_effective_rank",
+    "transformer_ntk",
 ]

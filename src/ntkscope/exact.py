@@ -27,6 +27,11 @@ def _basis_chunks(n: int, chunk: int, dtype: torch.dtype, device: torch.device):
         yield start, stop, E
 
 
+def basis_chunks(op: KernelOperator, chunk: int):  # type: ignore[no-untyped-def]
+    """``(start, stop, E)`` over the identity's columns of ``op``'s dimension, ``chunk`` at a time."""
+    return _basis_chunks(op.dim, chunk, op.dtype, op.device)
+
+
 def _chunk(op: KernelOperator) -> int:
     return int(getattr(op, "chunk_size", 64))
 

@@ -43,7 +43,7 @@ from . import adaptive as adapt
 from . import estimators as est
 from . import exact as ex
 from .estimate import Estimate
-from .operators import NTK, FactoredKernel, KernelOperator, as_operator
+from .operators import NTK, FactoredKernel, GramOperator, KernelOperator, as_operator, smaller_kernel
 from .probes import Probe, ProbeStream, parse_probe, resolve_seed
 
 __all__ = ["Method", "trace", "frobenius_norm", "effective_rank", "alignment", "target_alignment", "choose_method"]
@@ -67,7 +67,8 @@ class Method(str, enum.Enum):
       One-sided methods win at low budgets, most when D and P are far apart.
     * ``vjp_proj`` / ``jvp_proj``: the paper's one-sided variants with a random projected block
       of ``m // 6`` probe directions handled exactly (trace only).
-    * ``auto``: exact if that costs no more than the budget, else a one-sided method on the
+    * ``auto``: reads ``num_probes`` as a budget of AD passes per kernel.  Exact if that costs
+      no more than the budget, else a one-sided method on the
       side chosen by dimension, by which AD modes work and by measured pass cost — unless a
       cheap pilot sketch (``min(m // 10, 16)`` columns, 2 passes each, half reused by the
       one-sided method) finds a spectrum that decays
@@ -226,6 +227,10 @@ def _estimate(
     if meth is Method.AUTO:
         meth, reason = choose_method(ops, quantity, m, seed=base, info=info, pilot_ops=run_ops, probes=probe_kind)
         meth, reason = est.agree((meth, reason))  # ranks splitting probes must run the same method
+        if meth in (Method.HUTCHINSON, Method.HUTCHPP) and all(isinstance(o, FactoredKernel) for o in ops):
+            # auto reads num_probes as an AD-pass budget: a K-matvec costs a VJP and a JVP
+            m = max(3, m // 2)
+            reason += f" ({m} K-matvecs = {2 * m} AD passes per kernel, within the pass budget)"
         info["reason"] = reason
         if not adaptive and (meth not in ONE_SIDED or "pilot_passes" not in info):
             run_ops = ops  # only the one-sided methods reuse the pilot's products; skip the memo's cost
@@ -441,12 +446,26 @@ def _xtrace_part(
     stream = ctx.stream(op.dim, op.dtype, op.device, stream_id, default=Probe.SPHERE)
     chunk = ctx.chunk or int(getattr(op, "chunk_size", 64))
     fn = est.xnystrace_samples if psd else est.xtrace_samples
+    if ctx.m >= op.dim:  # the budget covers a basis: the exact trace costs no more (dim ≤ m products)
+        ctx.info.setdefault("variants", []).append("exact basis (num_probes ≥ dim)")
+        return Part.exact(float(sum(float(matmat(E)[s:e].double().diagonal().sum()) for s, e, E in ex.basis_chunks(op, chunk))))
     ctx.info.setdefault("variants", []).append("xnystrace" if psd else "xtrace")
     return Part.means(fn(matmat, stream, ctx.m, op.dtype, chunk))
 
 
+def _two_sided(op: KernelOperator, ctx: _Ctx) -> KernelOperator:
+    """The smaller of K and G = JᵀJ for a two-sided method (same trace, norm and spectrum)."""
+    if ctx.method not in (Method.HUTCHINSON, Method.HUTCHPP, Method.XTRACE):
+        return op
+    small = smaller_kernel(op)
+    if isinstance(small, GramOperator):
+        ctx.info["kernel_side"] = f"G = JᵀJ ({small.dim}×{small.dim}, smaller than K)"
+    return small
+
+
 def _trace_part(op: KernelOperator, ctx: _Ctx) -> Part:
     meth = ctx.method
+    op = _two_sided(op, ctx)
     if meth is Method.EXACT:
         return Part.exact(ex.exact_trace(op))
     if meth is Method.HUTCHINSON:
@@ -457,7 +476,7 @@ def _trace_part(op: KernelOperator, ctx: _Ctx) -> Part:
         ctx.info["sketch_size"] = r.sketch_size
         return Part.means(r.residual[:, 0, 1], r.exact[0, 1])
     if meth is Method.XTRACE:
-        return _xtrace_part(op.matmat, op, ctx, est.MAIN, psd=isinstance(op, FactoredKernel))
+        return _xtrace_part(op.matmat, op, ctx, est.MAIN, psd=isinstance(op, (FactoredKernel, GramOperator)))
     assert isinstance(op, FactoredKernel)
     side = "vjp" if meth in (Method.VJP, Method.VJP_PROJ) else "jvp"
     stream = ctx.stream(est.probe_dim(op, side), op.dtype, op.device)
@@ -476,6 +495,7 @@ def _frob_and_trace_parts(op: KernelOperator, ctx: _Ctx, need_trace: bool) -> li
     """Parts whose components are [tr K, ‖K‖_F²] (or just [‖K‖_F²])."""
     meth = ctx.method
     sel = [0, 1] if need_trace else [1]
+    op = _two_sided(op, ctx)
     if meth is Method.EXACT:
         vals = [ex.exact_trace(op), ex.exact_frobenius_sq(op)]
         return [Part.exact(*(vals[i] for i in sel))]

@@ -34,6 +34,8 @@ __all__ = [
     "DenseOperator",
     "CallableOperator",
     "as_operator",
+    "GramOperator",
+    "smaller_kernel",
 ]
 
 # Per chunk of probes we keep roughly this many bytes of probe/result vectors alive.
@@ -138,6 +140,32 @@ def _as_block(V: torch.Tensor, dim: int, what: str) -> tuple[torch.Tensor, bool]
     if V.dim() != 2 or V.shape[0] != dim:
         raise ValueError(f"{what}: expected shape ({dim},) or ({dim}, m), got {tuple(V.shape)}")
     return V, vec
+
+
+class GramOperator(KernelOperator):
+    """``G = JᵀJ`` (``P × P``) of a factored kernel ``K = J Jᵀ`` (``D × D``).
+
+    G and K share their nonzero eigenvalues, hence trace, Frobenius norm, effective rank and
+    spectrum; a G-product costs the same JVP + VJP as a K-product.  Two-sided estimators run on
+    the smaller of the two, so their probe-space algebra (QR, projections, Gram rows) scales
+    with ``min(D, P)`` — for a recurrent hidden state, D ≫ P.
+    """
+
+    def __init__(self, factor: FactoredKernel) -> None:
+        super().__init__(factor.num_params, factor.dtype, factor.device)
+        self.factor = factor
+        self.chunk_size = int(getattr(factor, "chunk_size", 64))
+
+    def _matmat(self, U: torch.Tensor) -> torch.Tensor:
+        self.factor.matvec_count += U.shape[1]
+        return self.factor.vjp(self.factor.jvp(U))
+
+
+def smaller_kernel(op: KernelOperator) -> KernelOperator:
+    """``G = JᵀJ`` when a factored kernel has fewer parameters than state entries, else ``op``."""
+    if isinstance(op, FactoredKernel) and op.num_params < op.dim:
+        return GramOperator(op)
+    return op
 
 
 # --------------------------------------------------------------------------------------------

@@ -69,6 +69,19 @@ def _block_seed(seed: int, stream: int, block: int) -> int:
     return int(ss.generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
+_BITS = 62  # random bits per int64 draw (randint's bound must fit in int64)
+
+
+def _rademacher(d: int, width: int, gen: torch.Generator, dev: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """±1 entries from the bits of int64 draws: 62 signs per random number (about 5× faster
+    than one ``randint(0, 2)`` draw per entry, which dominated one-sided passes at large P)."""
+    n = -(-d * width // _BITS)
+    words = torch.randint(0, 2**_BITS, (n,), generator=gen, device=dev)
+    shifts = torch.arange(_BITS, device=dev)
+    bits = ((words[:, None] >> shifts).to(torch.uint8) & 1).reshape(-1)[: d * width]
+    return bits.reshape(d, width).to(dtype).mul_(2).sub_(1)
+
+
 @dataclass(frozen=True)
 class ProbeStream:
     """An endless, reproducible sequence of probe columns in R^dim."""
@@ -87,8 +100,7 @@ class ProbeStream:
         d = self.dim
         width = min(BLOCK, d) if self.kind is Probe.ORTHOGONAL else BLOCK
         if self.kind is Probe.RADEMACHER:
-            x = torch.randint(0, 2, (d, width), generator=gen, device=dev).to(self.dtype)
-            return x.mul_(2).sub_(1)
+            return _rademacher(d, width, gen, dev, self.dtype)
         g = torch.randn(d, width, generator=gen, device=dev, dtype=torch.float64)
         if self.kind is Probe.GAUSSIAN:
             return g.to(self.dtype)

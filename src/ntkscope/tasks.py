@@ -6,6 +6,7 @@
   package's local generator.
 * :func:`flipflop` — the 3-bit flip-flop memory task (Sussillo & Barak 2013): sparse ±1
   pulses on each channel; the target holds the sign of the last pulse.
+* :func:`jacobian_with_spectrum` — a synthetic ``D × P`` Jacobian whose NTK has given eigenvalues.
 * :func:`mlp`, :class:`RecurrentClassifier`, :class:`RecurrentRegressor` — small models.
 
 All data come back as float tensors of the requested dtype; every generator takes a seed.
@@ -16,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["digits", "sequential_digits", "mnist1d_sequences", "flipflop", "mlp", "RecurrentClassifier", "RecurrentRegressor"]
+__all__ = ["jacobian_with_spectrum", "digits", "sequential_digits", "mnist1d_sequences", "flipflop", "mlp", "RecurrentClassifier", "RecurrentRegressor"]
 
 
 def digits(
@@ -148,3 +149,23 @@ class RecurrentRegressor(_Recurrent):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.readout(self.trajectory(x))
+
+
+def jacobian_with_spectrum(
+    D: int, P: int, eigenvalues: torch.Tensor, *, seed: int = 0, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """``J = U diag(√λ) Vᵀ`` with Haar-random orthonormal ``U`` (D × r) and ``V`` (P × r).
+
+    ``K = J Jᵀ`` then has exactly the eigenvalues λ (and zeros): kernels of known trace, norm,
+    effective rank and spectrum for tests and benchmarks (``NTK.from_jacobian(J)``).
+    """
+    lam = torch.as_tensor(eigenvalues, dtype=torch.float64)
+    r = lam.numel()
+    if r > min(D, P):
+        raise ValueError(f"{r} eigenvalues do not fit a {D} × {P} Jacobian (rank ≤ {min(D, P)})")
+    if (lam < 0).any():
+        raise ValueError("NTK eigenvalues must be non-negative")
+    g = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(D, r, dtype=torch.float64, generator=g))
+    V, _ = torch.linalg.qr(torch.randn(P, r, dtype=torch.float64, generator=g))
+    return (U @ torch.diag(lam.sqrt()) @ V.T).to(dtype)
