@@ -20,15 +20,17 @@ from ntkscope.track import read_rows
 
 USER_FILE = textwrap.dedent(
     """
+    import os
     import time
     import torch
     from torch import nn
 
 
     class Slow(nn.Sequential):
-        # a tiny MLP that sleeps a little per call, so that a test can interrupt a run mid-way
+        # a tiny MLP that sleeps per call, so that a test can interrupt a run mid-way (the sleep
+        # changes no number; the interrupted run sleeps longer so that it cannot finish first)
         def forward(self, x):
-            time.sleep(0.002)
+            time.sleep(float(os.environ.get("NTKSCOPE_TEST_SLEEP", "0.002")))
             return super().forward(x)
 
 
@@ -166,7 +168,7 @@ def test_track_sigint_then_resume_equals_uninterrupted(user_file: Path, tmp_path
     ref = read_rows(full)
     assert [row["step"] for row in ref] == list(range(0, 25, 2))
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NTKSCOPE_TEST_SLEEP": "0.05"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "ntkscope", *args, "-o", str(part), "--no-plots"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
