@@ -128,6 +128,7 @@ def _worker(r: int, N: int, port: int, mode: str, cfg: dict[str, Any], out: str)
     dist.all_gather_object(gathered, res)
     if r == 0:
         Path(out).write_text(json.dumps(gathered))
+    dist.barrier()  # every rank done before any tears its connections down
     dist.destroy_process_group()
 
 

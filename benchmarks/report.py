@@ -96,6 +96,11 @@ def markdown(res: dict) -> str:
     return "".join(out)
 
 
+METHOD_COLORS = {
+    m: f"C{i}" for i, m in enumerate(["hutchinson", "hutchpp", "xtrace", "vjp", "jvp", "vjp_proj", "jvp_proj", "exact"])
+}
+
+
 def figures(res: dict, out_dir: Path) -> None:
     import matplotlib
 
@@ -113,10 +118,12 @@ def figures(res: dict, out_dir: Path) -> None:
                     if not rs:
                         continue
                     x = [r["passes"] for r in rs]
-                    ax.plot(x, [r["err_median"] for r in rs], "o-", label=meth)
-                    ax.fill_between(x, [r["err_q1"] for r in rs], [r["err_q3"] for r in rs], alpha=0.15)
+                    color = METHOD_COLORS.get(meth)  # one colour per method across panels
+                    ax.plot(x, [r["err_median"] for r in rs], "o-", label=meth, color=color)
+                    ax.fill_between(x, [r["err_q1"] for r in rs], [r["err_q3"] for r in rs], alpha=0.15, color=color)
                 ax.set(xscale="log", yscale="log", xlabel="AD passes", ylabel="relative error", title=f"{name}: {q}")
-            axes[0][0].legend(fontsize=7)
+            for ax in axes[0]:
+                ax.legend(fontsize=7)
             fig.tight_layout()
             fig.savefig(out_dir / f"accuracy_{name}.png", dpi=110)
             plt.close(fig)

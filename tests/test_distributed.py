@@ -104,6 +104,13 @@ def _worker(r: int, world: int, port: int, out: str, mode: str, names: list[str]
     e = nk.trace(K, "hutchinson", 40, seed=1, chunk_size=7)
     res["_job_passes"] = ntd.job_passes(e)  # type: ignore[assignment]
     Path(out, f"rank{r}.json").write_text(json.dumps(res))
+    _finish()
+
+
+def _finish() -> None:
+    # every rank done before any tears its connections down (a rank exiting mid-teardown can abort)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def _spawn(world: int, mode: str, names: list[str], tmp_path: Path) -> list[dict[str, Any]]:
