@@ -423,7 +423,9 @@ def choose_method(
                 f"two-sided Hutch++: the pilot sketch predicts a residual variance per pass {v_hpp:.3g} below the "
                 f"one-sided {v_one:.3g} (fast spectral decay, λ_{ell}/λ_1 = {ratio:.2g})"
             )
-    return onesided[0], onesided[1] + f"; pilot sketch λ_{ell}/λ_1 = {ratio:.2g}: spectrum too flat for Hutch++ to win"
+    if quantity == "trace":
+        return onesided[0], onesided[1] + f"; pilot sketch λ_{ell}/λ_1 = {ratio:.2g}: spectrum too flat for Hutch++ to win"
+    return onesided[0], onesided[1] + f"; pilot sketch λ_{ell}/λ_1 = {ratio:.2g}: the sketch does not span K's range"
 
 
 # -- shared building blocks ---------------------------------------------------------------------
