@@ -300,7 +300,7 @@ def exact_values(K: Any, targets: torch.Tensor | None) -> dict[str, Any]:
     t0 = time.perf_counter()
     c0 = K.counts()
     J = ex.jacobian(K).to(torch.float64)
-    G = J @ J.T if J.shape[0] <= J.shape[1] else J.T @ J
+    G = ex.smaller_gram(J)
     tr = float(J.square().sum())
     fro = float(G.square().sum().sqrt())
     vals: dict[str, float] = {"trace": tr, "frobenius_norm": fro, "effective_rank": tr**2 / fro**2}

@@ -575,9 +575,6 @@ class ShardedNTK(FactoredKernel):
             f"dtype={self.dtype}, local={self.local.describe()})"
         )
 
-    def __repr__(self) -> str:
-        return self.describe()
-
 
 def job_passes(estimate: Any, group: Group = None) -> dict[str, int]:
     """AD passes of ``estimate`` summed over the ranks of ``group`` (the whole job's work).

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
-
-import torch
 
 
 @dataclass
@@ -17,7 +14,7 @@ class Estimate:
     Attributes:
         value: the estimate (a Python float).
         stderr: its standard error; ``None`` only for exact values.  For ratios it comes from
-            the jackknife over probes (see :func:`jackknife`); for Hutch++ it is conditional on the
+            the delete-one jackknife over probes (see :func:`ntkscope.metrics.combine`); for Hutch++ it is conditional on the
             sketch; for XTrace it is the method's own exchangeable error estimate.
         jvp_passes / vjp_passes: forward- and reverse-mode AD passes spent (one pass = one
             probe vector pushed through J or Jᵀ), including any pilot passes of ``method="auto"``.
@@ -83,45 +80,3 @@ class Estimate:
 
 def _jsonable(v: Any) -> bool:
     return isinstance(v, (str, int, float, bool, type(None), list, tuple, dict))
-
-
-def mean_stderr(samples: torch.Tensor) -> tuple[float, float]:
-    """Sample mean and its standard error (``std / √m``, unbiased variance)."""
-    x = samples.detach().to(torch.float64).reshape(-1)
-    m = x.numel()
-    if m == 0:
-        raise ValueError("no samples")
-    mean = float(x.mean())
-    se = float(x.std(unbiased=True) / math.sqrt(m)) if m > 1 else math.inf
-    return mean, se
-
-
-def jackknife(
-    samples: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], offset: torch.Tensor | None = None
-) -> tuple[float, float, float]:
-    """Delete-one jackknife of a smooth function of sample means.
-
-    ``samples`` is ``(m, k)``: per probe, k unbiased sample quantities.  ``fn`` maps a ``(..., k)``
-    tensor of means (plus the deterministic ``offset``, e.g. Hutch++'s exact part) to the
-    statistic.  Returns ``(plug-in value, jackknife stderr, bias-corrected value)``.
-    """
-    x = samples.detach().to(torch.float64)
-    m = x.shape[0]
-    off = torch.zeros(x.shape[1], dtype=torch.float64) if offset is None else offset.to(torch.float64)
-    total = x.sum(0)
-    full = float(fn(total / m + off))
-    if m < 2:
-        return full, math.inf, full
-    loo = (total - x) / (m - 1) + off
-    vals = fn(loo)
-    mean_loo = vals.mean()
-    se = math.sqrt(float((m - 1) / m * ((vals - mean_loo) ** 2).sum()))
-    return full, se, float(m * full - (m - 1) * mean_loo)
-
-
-def delta_sqrt(value: float, stderr: float) -> tuple[float, float]:
-    """``√x`` and its delta-method standard error ``se/(2√x)``."""
-    if value <= 0:
-        return math.sqrt(max(value, 0.0)), math.inf if value < 0 else stderr
-    r = math.sqrt(value)
-    return r, stderr / (2 * r)

@@ -100,11 +100,16 @@ def exact_trace(op: KernelOperator) -> float:
     return float(total)
 
 
+def smaller_gram(J: torch.Tensor) -> torch.Tensor:
+    """``J Jᵀ`` or ``Jᵀ J``, whichever is smaller: the same nonzero spectrum as K."""
+    return J @ J.T if J.shape[0] <= J.shape[1] else J.T @ J
+
+
 def _small_gram(op: KernelOperator) -> torch.Tensor:
     """K (D ≤ P) or G = JᵀJ (P < D): same nonzero spectrum, smaller matrix, in float64."""
     if isinstance(op, FactoredKernel):
         J = jacobian(op).double()
-        return J @ J.T if J.shape[0] <= J.shape[1] else J.T @ J
+        return smaller_gram(J)
     return kernel(op).double()
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -85,6 +84,9 @@ class KernelOperator:
 
     def describe(self) -> str:
         return f"{type(self).__name__}(dim={self.dim}, dtype={self.dtype})"
+
+    def __repr__(self) -> str:
+        return self.describe()
 
 
 class FactoredKernel(KernelOperator):
@@ -687,9 +689,6 @@ class NTK(FactoredKernel):
             f"chunk_size={self.chunk_size}, paths={self.paths})"
         )
 
-    def __repr__(self) -> str:
-        return self.describe()
-
 
 class _DenseFactor(FactoredKernel):
     def __init__(self, J: torch.Tensor) -> None:
@@ -873,13 +872,3 @@ def _select_output(out: Any, output: int | str | Callable[[Any], torch.Tensor] |
 
 def _is_randomness_error(e: Exception) -> bool:
     return "randomness" in str(e) and "vmap" in str(e)
-
-
-def pass_ratio(ntk: FactoredKernel) -> float:
-    """Measured seconds per JVP pass divided by seconds per VJP pass (1.0 if unknown)."""
-    if not isinstance(ntk, NTK):
-        return 1.0
-    try:
-        return ntk.pass_seconds("jvp") / max(ntk.pass_seconds("vjp"), 1e-12)
-    except RuntimeError:
-        return math.nan

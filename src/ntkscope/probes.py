@@ -126,6 +126,3 @@ class ProbeStream:
     def child(self, stream: int) -> ProbeStream:
         """An independent stream under the same seed (e.g. sketch vs residual probes)."""
         return ProbeStream(self.dim, self.kind, self.seed, stream, self.dtype, self.device)
-
-    def with_dim(self, dim: int, stream: int) -> ProbeStream:
-        return ProbeStream(dim, self.kind, self.seed, stream, self.dtype, self.device)

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .operators import NTK, _split_inputs
+from .operators import NTK, _split_inputs, _tensors
 
 __all__ = ["transformer_ntk", "TransformerNTK", "plan_memory", "select_axes", "AXIS_ALIASES"]
 
@@ -422,7 +422,7 @@ def transformer_ntk(
     # Additive attention masks hold -inf by design; the generic finiteness check would refuse
     # them, so it sees the inputs with infinities zeroed (fn closes over the real ones), and NaN
     # is refused here.
-    if any(t.is_floating_point() and bool(torch.isnan(t).any()) for t in _tensor_list(inputs)):
+    if any(t.is_floating_point() and bool(torch.isnan(t).any()) for t in _tensors(inputs)):
         raise ValueError("inputs contain NaN")
     ntk = TransformerNTK.from_function(fn, chosen, _finite_view(inputs), chunk_size=chunk_size or 1)
     ntk.inputs = inputs
@@ -437,16 +437,6 @@ def transformer_ntk(
     ntk.plan = plan_memory(ntk, memory_budget=memory_budget, chunk_size=chunk_size)
     ntk.chunk_size = int(ntk.plan["chunk_size"])
     return ntk
-
-
-def _tensor_list(obj: Any) -> list[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, Mapping):
-        return [t for v in obj.values() for t in _tensor_list(v)]
-    if isinstance(obj, (tuple, list)):
-        return [t for v in obj for t in _tensor_list(v)]
-    return []
 
 
 def _finite_view(obj: Any) -> Any:
