@@ -9,14 +9,18 @@ Public API (the contract other tools build on):
 * :class:`Method` and :class:`Probe` — the documented choices.
 * Recurrent nets: :func:`hidden_ntk`, :func:`step_ntk` (the NTK over the hidden trajectory) and
   :func:`structure` / :func:`block_traces` (partial traces and blocks over named axes).
+* Parameter blocks: :func:`parameter_blocks` (per-block traces, Frobenius products, effective
+  ranks and alignments: where the kernel lives and which block moved it), :class:`ParameterBlocks`.
 * Transformers: :func:`transformer_ntk`.  Spectrum: :func:`top_eigenvalues`,
   :func:`spectral_density`, :func:`entropy_effective_rank`.
 * Submodules: ``ntkscope.differentiable`` (statistics as training losses),
   ``ntkscope.distributed`` (torch.distributed probe- and data-parallel), ``ntkscope.plot``,
-  ``ntkscope.tasks`` (built-in data and models), ``ntkscope.exact`` (dense reference).
+  ``ntkscope.tasks`` (built-in data and models), ``ntkscope.exact`` (dense reference),
+  ``ntkscope.lazy`` (the α-scaled model of lazy/rich training).
 """
 
 from .adaptive import ConvergenceWarning
+from .blocks import ParameterBlocks, parameter_blocks
 from .estimate import Estimate
 from .metrics import Method, alignment, choose_method, effective_rank, frobenius_norm, target_alignment, trace
 from .operators import NTK, CallableOperator, DenseOperator, FactoredKernel, KernelOperator, as_operator
@@ -56,4 +60,6 @@ __all__ = [
     "block_frobenius",
     "block_effective_rank",
     "transformer_ntk",
+    "parameter_blocks",
+    "ParameterBlocks",
 ]
