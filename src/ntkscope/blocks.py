@@ -499,11 +499,6 @@ def parameter_blocks(
     leaves: list[FactoredKernel] = [K] + ([K0] if K0 is not None and K0 is not K else [])
     info: dict[str, Any] = {"probes": kind.value, "blocks": G}
 
-    def counts() -> tuple[int, int]:
-        c = [o.counts() for o in leaves]
-        return sum(x[0] for x in c), sum(x[1] for x in c)
-
-    before = counts()
     before_leaves = {id(o): o.counts() for o in leaves}
 
     def add_leaf(op: FactoredKernel) -> None:
@@ -519,7 +514,6 @@ def parameter_blocks(
             tot[1] += a[1] - b[1]
         return tot[0], tot[1]
 
-    del before
     sub_ops: list[FactoredKernel] | None = None
     sub_ops0: list[FactoredKernel] | None = None
 
