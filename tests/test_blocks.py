@@ -246,3 +246,31 @@ def test_auto_reports_its_side() -> None:
     assert "measured cost per probe" in res.info["reason"]
     small = nk.parameter_blocks(models.mlp().ntk(), method="auto", num_probes=40, seed=0)
     assert small.method == "exact" and "exact" in small.info["reason"]
+
+
+def test_blocks_that_do_not_reach_the_state() -> None:
+    """Parameters above the state (or unused) have a zero block: its trace and products are 0,
+    its ratios NaN, and the other blocks are unaffected."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4)).double()
+    X = torch.randn(6, 3, dtype=torch.float64)
+    groups = {"first": "0.*", "second": "2.*"}
+    hidden = nk.NTK(net[:2], X)  # a hidden state: the layer above it does not reach it
+    full = nk.NTK(nn.Sequential(net[0], net[1], _Drop(net[2])), X)
+    res = nk.parameter_blocks(full, groups, num_probes=8, seed=0)
+    assert res.info["zero_blocks"] == ["second"]
+    assert float(res.trace.values[1]) == 0 and float(res.frobenius.values[1].abs().sum()) == 0
+    assert math.isnan(float(res.effective_rank.values[1])) and math.isfinite(float(res.effective_rank.values[0]))
+    ref = nk.parameter_blocks(hidden, {"first": "0.*"}, num_probes=8, seed=0)
+    assert math.isclose(res.total_trace.value, ref.total_trace.value, rel_tol=1e-10)
+
+
+class _Drop(nn.Module):
+    """Holds a layer's parameters but returns its input unchanged."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 0 * self.layer.weight.sum() * 0.0

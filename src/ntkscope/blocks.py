@@ -82,7 +82,9 @@ class ParameterBlocks:
         numels: parameters per block (``P_g``).
         trace: ``tr K_g`` per block (shape ``(G,)``); ``trace.values.sum() == total_trace.value``.
         frobenius: ``⟨K_g, K_h⟩_F`` (shape ``(G, G)``); sums to ``total_frobenius_sq.value``.
-        effective_rank: ``(tr K_g)² / ‖K_g‖_F²`` per block.
+        effective_rank: ``(tr K_g)² / ‖K_g‖_F²`` per block (NaN, like the alignment, for a block
+            whose kernel is zero — parameters that do not reach the state; listed in
+            ``info["zero_blocks"]``).
         total_trace / total_frobenius_sq / total_effective_rank: the whole kernel's, from the
             same probes (sums of the blocks).
         alignment: with ``other``: ``⟨K_g, K0_g⟩_F / (‖K_g‖_F ‖K0_g‖_F)`` per block, else None.
@@ -712,9 +714,11 @@ def _assemble(
 
     fd, fd_loo = diag(raw.fro, False), diag(raw.fro_loo, True)
     assert fd is not None
-    if bool((fd <= 0).any()):
-        zero = [bnames[i] for i in range(len(bnames)) if float(fd[i]) <= 0]
-        raise ValueError(f"the kernel of block(s) {zero} is estimated as zero (e.g. parameters that do not affect the state)")
+    if bool((fd <= 0).all()):
+        raise ValueError("the kernel is estimated as zero (the parameters do not affect the state): its statistics are undefined")
+    zero = [bnames[i] for i in range(len(bnames)) if float(fd[i]) <= 0]
+    if zero:  # parameters that do not reach the state (e.g. layers above a hidden state): ratios are NaN
+        info["zero_blocks"] = zero
     reff = block(
         "effective_rank",
         raw.tr.square() / fd,
@@ -755,8 +759,8 @@ def _assemble(
         f0d, f0d_loo = diag(raw.fro0, False), diag(raw.fro0_loo, True)
         cd, cd_loo = diag(raw.cross, False), diag(raw.cross_loo, True)
         assert f0d is not None and cd is not None
-        if bool((f0d <= 0).any()):
-            raise ValueError("a block kernel of other is estimated as zero: its alignment is undefined")
+        if bool((f0d <= 0).all()):
+            raise ValueError("other is estimated as zero (its parameters do not affect the state): the alignment is undefined")
 
         def cos(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             return c / torch.sqrt(a * b)
