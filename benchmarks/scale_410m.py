@@ -13,11 +13,14 @@ measures
   also gives the per-layer trace shares), with each value's relative standard error, the
   seconds per VJP pass and the peak resident memory during the estimate (Linux ``VmHWM`` after
   a reset) next to ``plan_memory``'s estimate of one pass's working set plus the ``m × P``
-  float32 rows the Frobenius U-statistic keeps.
+  float32 rows the Frobenius U-statistic keeps;
+* for the same states, two-sided Hutchinson (``vᵀKv`` and ``‖Kv‖²`` per probe, a VJP and a JVP
+  each, nothing kept across probes): trace, ‖K‖_F and effective rank with jackknife errors.  At
+  this size the one-sided Frobenius U-statistic, with the few probes that fit, is far noisier.
 
-The probe count is what fits ``--budget`` seconds per state at the measured pass time (and the
-memory: ``m`` rows of P floats), at least 3.  With a handful of probes the relative standard
-errors are large — the report says so rather than hiding it.
+The probe counts are what fit ``--budget`` seconds per state (40 % one-sided, 60 % Hutchinson) at
+the measured pass times (and the memory: ``m`` rows of P floats), at least 3 each.  With a
+handful of probes some relative standard errors are large — the report says so.
 
     nice -n 10 python benchmarks/scale_410m.py --quick       # a tiny GPT-NeoX, seconds
     nice -n 10 python benchmarks/scale_410m.py [--budget 240] [--model gpt2-355m]
@@ -28,6 +31,7 @@ Writes ``benchmarks/results/scale_410m[_quick].{json,md}`` (``--out`` to change 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import math
 import time
@@ -37,6 +41,9 @@ from typing import Any
 import torch
 
 import ntkscope as nk
+from ntkscope import estimators as est
+from ntkscope.metrics import Part, combine
+from ntkscope.probes import Probe, ProbeStream
 from ntkscope.transformer import transformer_ntk
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -101,9 +108,53 @@ def build(spec: dict[str, Any]) -> tuple[torch.nn.Module, str]:
     return GPT2LMHeadModel(cfg2).eval(), "transformer.h"
 
 
-def layer_groups(names: list[str], prefix: str, layers: int) -> dict[str, list[str]]:
+EXTRA_GROUPS = {
+    "neox": {
+        "embedding": ["gpt_neox.embed_in.*"],
+        "final norm": ["gpt_neox.final_layer_norm.*"],
+        "head": ["embed_out.*", "lm_head.*"],
+    },
+    "gpt2": {"embedding": ["transformer.wte.*", "transformer.wpe.*"], "final norm": ["transformer.ln_f.*"]},
+}
+
+
+def layer_groups(names: list[str], prefix: str, layers: int, kind: str) -> dict[str, list[str]]:
+    """Blocks: the embedding, each layer, the final norm and the head (GPT-2 ties it to the embedding)."""
     groups = {f"layer {i:02d}": [f"{prefix}.{i}.*"] for i in range(layers)}
-    return {k: v for k, v in groups.items() if any(n.startswith(v[0][:-1]) for n in names)}
+    groups.update(EXTRA_GROUPS[kind])
+    kept = {k: [pat for pat in v if any(fnmatch.fnmatchcase(n, pat) for n in names)] for k, v in groups.items()}
+    return {k: v for k, v in kept.items() if v}
+
+
+def hutchinson(K: Any, m: int, seed: int = 0) -> dict[str, Any]:
+    """Two-sided Hutchinson on K (a VJP and a JVP per probe, no storage across probes):
+    ``vᵀKv`` and ``‖Kv‖²`` per probe → trace, ‖K‖_F and effective rank with jackknife errors."""
+    stream = ProbeStream(K.dim, Probe.RADEMACHER, seed, est.MAIN, K.dtype, K.device)
+    c0 = K.counts()
+    reset = _reset_peak()
+    t0 = time.perf_counter()
+    g = est.hutchinson_grams([K], stream, m, chunk_size=1)
+    secs = time.perf_counter() - t0
+    c1 = K.counts()
+    peak = _status_kib("VmHWM") / 1024 if reset else None
+    parts = [Part.means(torch.stack([g[:, 0, 1], g[:, 1, 1]], 1))]
+    out: dict[str, Any] = {
+        "probes": m,
+        "seconds": secs,
+        "peak_rss_mib": peak,
+        "jvp_passes": c1[0] - c0[0],
+        "vjp_passes": c1[1] - c0[1],
+    }
+    for key, fn in (
+        ("trace", lambda x: x[..., 0]),
+        ("frobenius_norm", lambda x: torch.sqrt(x[..., 1].clamp(min=0))),
+        ("effective_rank", lambda x: x[..., 0] ** 2 / x[..., 1]),
+    ):
+        v, se, bc = combine(parts, fn)
+        out[key] = v
+        out[f"{key}_rel_stderr"] = se / abs(v)
+        out[f"{key}_bias_corrected"] = bc
+    return out
 
 
 def floor_seconds(model: torch.nn.Module, ids: torch.Tensor, repeats: int = 2) -> dict[str, float]:
@@ -145,7 +196,7 @@ def measure_state(
     t0 = time.perf_counter()
     nk.trace(K, method="vjp", num_probes=1, seed=124)
     t_pass = time.perf_counter() - t0
-    fit_time = int(budget // max(t_pass, 1e-9))
+    fit_time = int(0.4 * budget // max(t_pass, 1e-9))
     # the U-statistic keeps m rows of P floats, briefly twice (the chunks are concatenated)
     fit_mem = int(0.3 * _available_bytes() // (8 * P))
     m = max(3, min(max_probes, fit_time, fit_mem))
@@ -162,8 +213,19 @@ def measure_state(
     def rel(v: float, se: float | None) -> float | None:
         return None if se is None else se / abs(v)
 
+    # Hutchinson for the norm and the effective rank: one K-product (VJP + JVP) per probe
+    v = torch.ones(K.dim, 1, dtype=K.dtype)
+    K.matmat(v)  # warm-up of the forward-mode path
+    t0 = time.perf_counter()
+    K.matmat(v)
+    t_mv = time.perf_counter() - t0
+    hutch = hutchinson(K, max(3, min(max_probes, int(0.6 * budget // max(t_mv, 1e-9)))), seed=1)
     shares = res.shares().tolist()
+    assert res.trace.stderr is not None
+    block_rel = (res.trace.stderr / res.trace.values.abs()).tolist()
     return {
+        "hutchinson": hutch,
+        "matvec_seconds": t_mv,
         "state": what,
         "layer": layer,
         "D": K.dim,
@@ -186,6 +248,7 @@ def measure_state(
         "effective_rank_bias_corrected": res.total_effective_rank.info.get("bias_corrected"),
         "blocks": res.names,
         "trace_shares": shares,
+        "trace_block_rel_stderr": block_rel,
         "peak_rss_mib": peak,
         "rss_before_mib": rss_before / 1024,
         "planned_pass_mib": K.plan["estimated_peak_bytes"] / 2**20,
@@ -197,7 +260,7 @@ def measure_state(
 def markdown(res: dict[str, Any]) -> str:
     f = res["floor"]
     lines = [
-        f"# One-sided NTK statistics at scale: {res['model']} ({res['params']:,} parameters)",
+        f"# NTK statistics at scale: {res['model']} ({res['params']:,} parameters)",
         "",
         f"`{res['command']}` — cpu, {res['threads']} thread(s), shared 2-core machine under load (timings are noisy), "
         f"torch {res['torch']}, transformers {res['transformers']}.  Random weights from a config, float32, eval mode, "
@@ -206,8 +269,8 @@ def markdown(res: dict[str, Any]) -> str:
         f"Floor: one plain forward + backward {f['forward_backward']:.2f} s (forward alone {f['forward']:.2f} s).  "
         f"RSS after building the model: {res['rss_model_mib']:.0f} MiB (parameters {res['params'] * 4 / 2**20:.0f} MiB).",
         "",
-        "| state | D | probes | s/pass | × floor | trace (rel. stderr) | ‖K‖_F (rel. stderr) | eff. rank (rel. stderr) | peak RSS MiB | planned MiB (pass + rows) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| state | estimator | D | probes | AD passes | s/pass | × floor | trace (rel. stderr) | ‖K‖_F (rel. stderr) | eff. rank (rel. stderr) | peak RSS MiB | planned MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in res["states"]:
         name = s["state"] if s["layer"] is None else f"hidden after block {s['layer']}"
@@ -217,17 +280,29 @@ def markdown(res: dict[str, Any]) -> str:
 
         peak = "—" if s["peak_rss_mib"] is None else f"{s['peak_rss_mib']:.0f}"
         lines.append(
-            f"| {name} | {s['D']:,} | {s['probes']} | {s['seconds_per_pass']:.2f} | {s['seconds_per_pass'] / f['forward_backward']:.2f} | "
+            f"| {name} | one-sided VJP (blocks) | {s['D']:,} | {s['probes']} | {s['vjp_passes']} VJP | {s['seconds_per_pass']:.2f} | "
+            f"{s['seconds_per_pass'] / f['forward_backward']:.2f} | "
             f"{s['trace']:.4g} ({pc(s['trace_rel_stderr'])}) | {s['frobenius_norm']:.4g} ({pc(s['frobenius_rel_stderr'])}) | "
             f"{s['effective_rank']:.3g} ({pc(s['effective_rank_rel_stderr'])}) | "
-            f"{peak} | {s['planned_pass_mib']:.0f} + {s['planned_rows_mib']:.0f} |"
+            f"{peak} | {s['planned_pass_mib']:.0f} + {s['planned_rows_mib']:.0f} (rows) |"
+        )
+        h = s["hutchinson"]
+        per = h["seconds"] / max(h["jvp_passes"] + h["vjp_passes"], 1)
+        lines.append(
+            f"| {name} | Hutchinson (VJP + JVP) | {s['D']:,} | {h['probes']} | {h['vjp_passes']} VJP + {h['jvp_passes']} JVP | {per:.2f} | "
+            f"{per / f['forward_backward']:.2f} | {h['trace']:.4g} ({pc(h['trace_rel_stderr'])}) | "
+            f"{h['frobenius_norm']:.4g} ({pc(h['frobenius_norm_rel_stderr'])}) | {h['effective_rank']:.3g} ({pc(h['effective_rank_rel_stderr'])}) | "
+            f"{'—' if h['peak_rss_mib'] is None else round(h['peak_rss_mib'])} | {s['planned_pass_mib']:.0f} |"
         )
     worst = max(
         (
             x
             for s in res["states"]
-            for x in (s["trace_rel_stderr"], s["frobenius_rel_stderr"], s["effective_rank_rel_stderr"])
-            if x is not None
+            for x in (
+                min(s["trace_rel_stderr"] or math.inf, s["hutchinson"]["trace_rel_stderr"]),
+                min(s["frobenius_rel_stderr"], s["hutchinson"]["frobenius_norm_rel_stderr"]),
+                min(s["effective_rank_rel_stderr"] or math.inf, s["hutchinson"]["effective_rank_rel_stderr"]),
+            )
         ),
         default=math.inf,
     )
@@ -235,10 +310,26 @@ def markdown(res: dict[str, Any]) -> str:
     lines += [
         "",
         f"The probe count is what fitted the time budget per state (`--budget`) and the memory (m rows of P floats) at "
-        f"the measured pass time.  The largest relative standard error is {100 * worst:.1f} %: {verdict} the 3 % goal.  "
+        f"the measured pass time.  Of the better estimator per quantity, the largest relative standard error is "
+        f"{100 * worst:.1f} %: {verdict} the 3 % goal.  The one-sided Frobenius U-statistic needs many probe pairs (and "
+        "keeps m rows of P floats); Hutchinson's ‖Kv‖² keeps nothing across probes and, for a kernel of high "
+        "effective rank, has a small relative variance per probe.  "
         "The effective rank (a ratio) is biased at small m (jackknife bias-corrected values in the JSON).  s/pass "
         "includes the Gram products of the block statistics.  Per-layer trace shares (same probes) are in the JSON.",
     ]
+    names = res["states"][0]["blocks"]
+    lines += [
+        "",
+        "Trace shares tr K_g / tr K per block, from the one-sided VJP probes above (few probes: the relative "
+        "standard error of each block trace is in the JSON, `trace_block_rel_stderr`):",
+        "",
+    ]
+    lines.append(
+        "| block | " + " | ".join(s["state"] if s["layer"] is None else f"hidden {s['layer']}" for s in res["states"]) + " |"
+    )
+    lines.append("|---|" + "---|" * len(res["states"]))
+    for i, n in enumerate(names):
+        lines.append(f"| {n} | " + " | ".join(f"{s['trace_shares'][i]:.4f}" for s in res["states"]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -266,7 +357,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"{name}: P = {P:,}; floor fwd+bwd {floor['forward_backward']:.2f} s", flush=True)
 
     def groups_of(names: list[str]) -> dict[str, list[str]]:
-        return layer_groups(names, prefix, spec["layers"])
+        return layer_groups(names, prefix, spec["layers"], spec["kind"])
 
     states = []
     for what, layer in (("logits", None), ("hidden", spec["layers"] // 2)):
@@ -274,7 +365,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(
             f"  {what}{'' if layer is None else f' {layer}'}: {s['probes']} probes, {s['seconds_per_pass']:.2f} s/pass, "
             f"trace ±{100 * (s['trace_rel_stderr'] or 0):.1f} %, ‖K‖_F ±{100 * s['frobenius_rel_stderr']:.1f} %, "
-            f"eff. rank {s['effective_rank']:.3g} ±{100 * (s['effective_rank_rel_stderr'] or 0):.1f} %",
+            f"eff. rank {s['effective_rank']:.3g} ±{100 * (s['effective_rank_rel_stderr'] or 0):.1f} %; Hutchinson "
+            f"{s['hutchinson']['probes']} probes: ‖K‖_F ±{100 * s['hutchinson']['frobenius_norm_rel_stderr']:.1f} %, eff. rank "
+            f"{s['hutchinson']['effective_rank']:.3g} ±{100 * s['hutchinson']['effective_rank_rel_stderr']:.1f} %",
             flush=True,
         )
         states.append(s)
