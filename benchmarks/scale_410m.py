@@ -315,7 +315,7 @@ def markdown(res: dict[str, Any]) -> str:
         "keeps m rows of P floats); Hutchinson's ‖Kv‖² keeps nothing across probes and, for a kernel of high "
         "effective rank, has a small relative variance per probe.  "
         "The effective rank (a ratio) is biased at small m (jackknife bias-corrected values in the JSON).  s/pass "
-        "includes the Gram products of the block statistics.  Per-layer trace shares (same probes) are in the JSON.",
+        "includes the Gram products of the block statistics.",
     ]
     names = res["states"][0]["blocks"]
     lines += [
