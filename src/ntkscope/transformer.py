@@ -37,11 +37,10 @@ chunk drops to 1 and memory stays ``O(activations + P)`` whatever the number of 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -49,6 +48,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .operators import NTK, _split_inputs, _tensors
+from .rules import math_attention
 
 __all__ = ["transformer_ntk", "TransformerNTK", "plan_memory", "select_axes", "AXIS_ALIASES"]
 
@@ -239,21 +239,6 @@ class TransformerNTK(NTK):
     def method(self) -> str:
         """The one-sided method of the plan (``"vjp"`` or ``"jvp"``), for ``ntkscope.trace(K, method=...)``."""
         return str(self.plan["side"])
-
-
-@contextlib.contextmanager
-def math_attention() -> Iterator[None]:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    # nn.TransformerEncoderLayer's eval-mode "fast path" is a fused kernel without forward-mode
-    # AD; switch it off for the call (restored afterwards).
-    fast = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with sdpa_kernel(SDPBackend.MATH):
-            yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fast)
 
 
 def _eval_copy(model: nn.Module) -> nn.Module:
