@@ -183,7 +183,12 @@ def test_callable_and_tensorboard_loggers(tmp_path: Path) -> None:
     seen: list[tuple[int, dict[str, Any]]] = []
     writer = SummaryWriter(str(tmp_path / "own"))
     _, _, mon, _ = _train(
-        {**KW, "method": "vjp", "path": tmp_path / "run", "loggers": ("csv", "tensorboard", writer, lambda s, r: seen.append((s, r)))}
+        {
+            **KW,
+            "method": "vjp",
+            "path": tmp_path / "run",
+            "loggers": ("csv", "tensorboard", writer, lambda s, r: seen.append((s, r))),
+        }
     )
     writer.close()
     assert mon is not None

@@ -30,7 +30,7 @@ ranks with :func:`ntkscope.distributed.probe_parallel` — then every rank must 
 :meth:`Monitor.step` at the same steps.
 
 **Reproducible rows.**  Probes at step ``s`` use seed ``seed + s``; ``method="auto"`` is
-resolved once, on ``K_0`` at construction, and kept.  :meth:`Monitor.state_dict` holds
+resolved once, on ``K_0`` at the first record, and kept.  :meth:`Monitor.state_dict` holds
 ``K_0``'s parameters, the resolved method and the rows so far; a new Monitor that
 :meth:`~Monitor.load_state_dict`\\ s it continues the same CSV (rows after the restored step are
 dropped, a half-written line is cut) and TensorBoard run (later events purged).
@@ -213,7 +213,9 @@ class TensorBoardLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:  # pragma: no cover - depends on the environment
-                raise ImportError("the tensorboard logger needs the tensorboard package: pip install 'ntkscope[tensorboard]'") from e
+                raise ImportError(
+                    "the tensorboard logger needs the tensorboard package: pip install 'ntkscope[tensorboard]'"
+                ) from e
             self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=self._purge)
         for k, v in _scalars(row, _row_metrics(row)).items():
             self.writer.add_scalar(k, v, global_step=step)
@@ -411,14 +413,14 @@ class Monitor:
             ``target_alignment``.
         every: :meth:`step` records at steps that are multiples of ``every``.
         num_probes: probes per metric (see :mod:`ntkscope.metrics`).
-        method: estimation method; ``"auto"`` is resolved once on ``K_0`` and kept.
+        method: estimation method; ``"auto"`` is resolved once, on ``K_0`` at the first record, and kept.
         seed: probes at step ``s`` use ``seed + s``.
         loggers: where rows go (see the module docstring); ``()`` keeps them in :attr:`rows` only.
         path: where the string loggers write: a ``.csv`` file or a run directory.
 
     Attributes:
         rows: every recorded row (dicts with the CSV's columns).
-        method: the resolved estimation method.
+        method: the estimation method (resolved from ``"auto"`` at the first record).
         probe_parallel, group: set ``probe_parallel = True`` to split probes over the ranks of
             ``group`` (default: the world) under ``torch.distributed``.
     """
@@ -483,9 +485,7 @@ class Monitor:
         self.init: dict[str, torch.Tensor] | None = None
         if "kernel_alignment" in metrics:
             self.init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        self.method = method
-        with self._context():
-            self.method = self._resolve(method)
+        self.method = method  # "auto" is resolved at the first record, in that record's (maybe probe-parallel) context
 
     # -- kernels (a wrapper such as an α-scaled model plugs in here) -------------------------
 
@@ -534,6 +534,7 @@ class Monitor:
 
         t0 = time.perf_counter()
         with self._context():
+            self.method = self._resolve(self.method)
             Kt = self.kernel()
             kw: dict[str, Any] = {"method": self.method, "num_probes": self.num_probes, "seed": self.seed + step}
             ests: dict[str, Any] = {}

@@ -1,0 +1,75 @@
+"""The examples run as tests: a plain loop with a Monitor, Lightning + TensorBoard, the Hugging Face Trainer."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from ntkscope.monitor import DEFAULT_METRICS, read_rows
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def _example(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"_example_{name}", EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _events(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_monitor_loop_example(tmp_path: Path) -> None:
+    res = _example("monitor_loop").main(tmp_path, epochs=1, every=6, quiet=True)
+    rows = read_rows(tmp_path / "ntk.csv")
+    assert [r["step"] for r in rows] == [0, 6, 12]  # every 6 steps, and the final parameters
+    for a, b in zip(rows, res["rows"]):  # the CSV holds the rows to full precision
+        assert all(a[k] == b[k] or (k == "loss" and math.isnan(a[k]) and math.isnan(b[k])) for k in a)
+    assert all(r[f"{m}_stderr"] > 0 for r in rows for m in DEFAULT_METRICS if not (m == "kernel_alignment" and r["step"] == 0))
+    assert rows[0]["kernel_alignment"] == pytest.approx(1.0, abs=1e-6) and rows[-1]["kernel_alignment"] < 1
+    assert rows[1]["loss"] < rows[0]["loss"] and math.isnan(rows[2]["loss"])  # the last record was given no loss
+
+
+def test_lightning_example_writes_ntk_scalars_to_tensorboard(tmp_path: Path) -> None:
+    pytest.importorskip("lightning")
+    pytest.importorskip("tensorboard")
+    res = _example("lightning_gru").main(tmp_path, steps=20, every=10, quiet=True)
+    assert [r["step"] for r in res["rows"]] == [0, 10, 20]
+    ev = _events(res["log_dir"])
+    for m in ("trace", "effective_rank", "kernel_alignment", "target_alignment"):
+        assert [s for s, _ in ev[f"ntk/{m}"]] == [0, 10, 20], m
+        assert [v for _, v in ev[f"ntk/{m}"]] == pytest.approx([r[m] for r in res["rows"]], rel=1e-6)
+        assert [v for _, v in ev[f"ntk/{m}_stderr"]] == pytest.approx([r[f"{m}_stderr"] for r in res["rows"]], rel=1e-6)
+    assert "train_loss" in ev  # the module's own logging still works beside it
+
+
+def test_hf_trainer_example_logs_ntk_rows(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    res = _example("hf_trainer").main(tmp_path, steps=4, every=2, quiet=True)
+    rows = res["rows"]
+    assert [r["step"] for r in rows] == [0, 2, 4]
+    for r in rows:
+        for m in DEFAULT_METRICS:
+            if m != "target_alignment":
+                assert math.isfinite(r[f"ntk/{m}"]) and r[f"ntk/{m}_stderr"] >= 0
+        assert r["ntk/passes"] > 0
+    assert rows[0]["ntk/kernel_alignment"] == pytest.approx(1.0, abs=1e-6)
+    mon = res["callback"].monitor
+    assert [r["ntk/trace"] for r in rows] == [r["trace"] for r in mon.rows]
+    if importlib.util.find_spec("tensorboard"):  # report_to="tensorboard" received them too
+        ev = _events(next((tmp_path / "tb").rglob("events.out.tfevents.*")).parent)
+        assert [s for s, _ in ev["train/ntk/trace"]] == [0, 2, 4]
