@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -73,3 +74,46 @@ def test_hf_trainer_example_logs_ntk_rows(tmp_path: Path) -> None:
     if importlib.util.find_spec("tensorboard"):  # report_to="tensorboard" received them too
         ev = _events(next((tmp_path / "tb").rglob("events.out.tfevents.*")).parent)
         assert [s for s, _ in ev["train/ntk/trace"]] == [0, 2, 4]
+
+
+def _gru_module() -> object:
+    from lightning_models import GRUModule
+
+    return GRUModule()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not os.environ.get("NTKSCOPE_SLOW_TESTS"),
+    reason="about a minute on 2 cores (spawns 2 Lightning processes); set NTKSCOPE_SLOW_TESTS=1",
+)
+def test_lightning_probe_parallel_over_two_ranks(tmp_path: Path) -> None:
+    """ddp on two CPU processes (gloo): each rank evaluates part of the probes; rank 0 logs the single-process numbers."""
+    L = pytest.importorskip("lightning")
+    import torch
+    from lightning.pytorch.loggers import CSVLogger
+
+    import ntkscope as nk
+    from ntkscope import tasks
+    from ntkscope.integrations.lightning import NTKCallback
+
+    X, Y = tasks.flipflop(16, 6, 3, p=0.2, seed=0)
+    Xp, Yp = tasks.flipflop(4, 6, 3, p=0.2, seed=1)
+    kw = dict(num_probes=12, method="vjp", seed=3)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, Y), batch_size=4)
+    cb = NTKCallback(Xp, Yp, every_n_steps=2, probe_parallel=True, **kw)  # type: ignore[arg-type]
+    trainer = L.Trainer(
+        strategy="ddp_spawn", accelerator="cpu", devices=2, max_steps=2, callbacks=[cb], logger=CSVLogger(str(tmp_path), name="pp"),
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(_gru_module(), loader)
+    import csv
+
+    with open(next(tmp_path.rglob("metrics.csv"))) as f:
+        logged = [r for r in csv.DictReader(f) if r.get("ntk/trace")]
+    assert [int(r["step"]) for r in logged] == [0, 2]
+    ref = nk.Monitor(_gru_module(), Xp, targets=Yp, loggers=(), every=2, **kw).step(0)  # type: ignore[arg-type]
+    assert ref is not None
+    for m in DEFAULT_METRICS:
+        assert float(logged[0][f"ntk/{m}"]) == pytest.approx(ref[m], rel=1e-5, abs=1e-7), m
+    assert 0 < float(logged[0]["ntk/passes"]) < ref["passes"]  # this rank's share of the probes

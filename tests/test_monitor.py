@@ -247,3 +247,55 @@ def test_on_cuda_under_autocast() -> None:
         return [p.detach().clone() for p in model.parameters()]
 
     assert all(torch.equal(a, b) for a, b in zip(run(False), run(True)))
+
+
+def _pp_worker(r: int, world: int, port: int, out: str) -> None:
+    import json
+    import os
+
+    from ntkscope import distributed as ntd
+
+    torch.set_num_threads(1)
+    os.environ.update({"RANK": str(r), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    assert ntd.init_from_env(timeout_s=60)
+    model, _, _, Xp, yp = _problem()
+    model[2].p = 0.0
+    mon = nk.Monitor(model, Xp, targets=yp, loggers=("csv",), path=Path(out) / "pp.csv", method="auto", **KW)
+    mon.probe_parallel = True
+    mon.step(0)
+    with torch.no_grad():
+        model[0].weight.mul_(1.5)
+    mon.step(3)
+    mon.close()
+    Path(out, f"rank{r}.json").write_text(json.dumps(mon.rows))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def test_probe_parallel_over_two_ranks_equals_one_process(tmp_path: Path) -> None:
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    mp.spawn(_pp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    model, _, _, Xp, yp = _problem()
+    model[2].p = 0.0
+    mon = nk.Monitor(model, Xp, targets=yp, loggers=(), method="auto", **KW)
+    ref = [mon.step(0)]
+    with torch.no_grad():
+        model[0].weight.mul_(1.5)
+    ref.append(mon.step(3))
+    for rows in ranks:
+        for a, b in zip(rows, ref):
+            assert a["method"] == b["method"]  # auto agreed on across ranks
+            for m in nk.monitor.DEFAULT_METRICS:
+                assert a[m] == pytest.approx(b[m], rel=1e-5, abs=1e-7) and a[f"{m}_stderr"] == pytest.approx(
+                    b[f"{m}_stderr"], rel=1e-4, abs=1e-7
+                )
+            assert 0 < a["passes"] < b["passes"]  # each rank ran part of the probes
+    assert [r["step"] for r in read_rows(tmp_path / "pp.csv")] == [0, 3]  # rank 0 alone wrote the CSV
