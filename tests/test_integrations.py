@@ -117,3 +117,37 @@ def test_lightning_probe_parallel_over_two_ranks(tmp_path: Path) -> None:
     for m in DEFAULT_METRICS:
         assert float(logged[0][f"ntk/{m}"]) == pytest.approx(ref[m], rel=1e-5, abs=1e-7), m
     assert 0 < float(logged[0]["ntk/passes"]) < ref["passes"]  # this rank's share of the probes
+
+
+def test_lightning_resume_keeps_k0_and_rows(tmp_path: Path) -> None:
+    L = pytest.importorskip("lightning")
+    import torch
+
+    from ntkscope import tasks
+    from ntkscope.integrations.lightning import NTKCallback
+
+    X, Y = tasks.flipflop(16, 6, 3, p=0.2, seed=0)
+    Xp, Yp = tasks.flipflop(4, 6, 3, p=0.2, seed=1)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, Y), batch_size=4)
+    kw: dict = dict(every_n_steps=2, num_probes=8, method="vjp")
+    opts: dict = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    first = NTKCallback(Xp, Yp, **kw)
+    trainer = L.Trainer(max_steps=4, callbacks=[first], **opts)
+    trainer.fit(_gru_module(), loader)
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    again = NTKCallback(Xp, Yp, **kw)
+    L.Trainer(max_steps=8, callbacks=[again], **opts).fit(_gru_module(), loader, ckpt_path=tmp_path / "a.ckpt")
+    assert first.monitor is not None and again.monitor is not None
+    assert [r["step"] for r in again.monitor.rows] == [0, 2, 4, 6, 8]  # the restored rows, then the new ones
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "loss"} for r in rows]  # noqa: E731  (loss: NaN)
+    assert strip(again.monitor.rows[:3]) == strip(first.monitor.rows)
+    assert again.monitor.init is not None and first.monitor.init is not None
+    assert all(torch.equal(again.monitor.init[n], t) for n, t in first.monitor.init.items())  # the original K_0
+    assert again.monitor.rows[-1]["kernel_alignment"] < 1.0

@@ -17,6 +17,11 @@ steps, the callback's :class:`~ntkscope.Monitor` measures the model's NTK on the
 ``train/ntk/trace`` …, W&B, MLflow, …).  The training itself is untouched (see
 :class:`~ntkscope.Monitor`).  Under distributed training the world's process zero measures
 (``probe_parallel=True``: every rank takes a share of the probes).
+
+A run resumed with ``resume_from_checkpoint`` takes ``K_0`` at the resumed start (Hugging Face
+keeps callback state as JSON, which cannot hold parameters): keep the first run's
+``callback.monitor.state_dict()`` and ``callback.monitor.load_state_dict`` it in ``on_train_begin``
+of a subclass to measure against the original ``K_0``.
 """
 
 from __future__ import annotations
