@@ -126,6 +126,15 @@ def test_bad_arguments_are_named() -> None:
     assert "target_alignment" not in nk.Monitor(model, Xp, loggers=(), method="vjp").metrics
 
 
+def test_default_path_is_one_run_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    model, _, _, Xp, _ = _problem()
+    with nk.Monitor(model, Xp, every=1, num_probes=4, method="vjp") as mon:
+        mon.step(0)
+    (csv_file,) = Path("runs").glob("ntkscope-*/ntk.csv")  # like SummaryWriter's runs/<time>-<host>
+    assert Path(mon.path or "") == csv_file.parent and [r["step"] for r in read_rows(csv_file)] == [0]
+
+
 def test_csv_logger_refuses_to_overwrite_and_resumes(tmp_path: Path) -> None:
     path = tmp_path / "run.csv"
     kw = {**KW, "method": "vjp", "path": path}

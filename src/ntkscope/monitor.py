@@ -475,6 +475,8 @@ class Monitor:
         self.every = every
         self.num_probes = num_probes
         self.seed = seed
+        if path is None and any(isinstance(spec, str) for spec in loggers):
+            path = _default_path()  # once, so that every string logger writes into the same run
         self.path = path
         self.rows: list[dict[str, Any]] = []
         self.loggers = [make_logger(spec, path) for spec in loggers]

@@ -19,15 +19,15 @@ steps, the callback's :class:`~ntkscope.Monitor` measures the model's NTK on the
 (``probe_parallel=True``: every rank takes a share of the probes).
 
 A run resumed with ``resume_from_checkpoint`` takes ``K_0`` at the resumed start (Hugging Face
-keeps callback state as JSON, which cannot hold parameters): keep the first run's
-``callback.monitor.state_dict()`` and ``callback.monitor.load_state_dict`` it in ``on_train_begin``
-of a subclass to measure against the original ``K_0``.
+keeps callback state as JSON, which cannot hold parameters): save the first run's
+``callback.monitor.state_dict()`` (``torch.save``) and pass it as ``NTKCallback(..., resume_state=...)``
+to measure against the original ``K_0`` and continue its rows.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,7 @@ class NTKCallback(TrainerCallback):
         probe_parallel: under distributed training, split probes over all ranks instead of
             measuring on process zero alone.
         trainer: the Trainer (found automatically when it calls the callback).
+        resume_state: a ``Monitor.state_dict()`` of an earlier run to continue (its ``K_0`` and rows).
 
     Attributes:
         monitor: the :class:`~ntkscope.Monitor` (after training started); ``monitor.rows``.
@@ -85,6 +86,7 @@ class NTKCallback(TrainerCallback):
         path: str | Path | None = None,
         probe_parallel: bool = False,
         trainer: Trainer | None = None,
+        resume_state: Mapping[str, Any] | None = None,
     ) -> None:
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps!r}")
@@ -102,6 +104,7 @@ class NTKCallback(TrainerCallback):
         )
         self.probe_parallel = probe_parallel
         self.trainer = trainer
+        self.resume_state = resume_state
         self.monitor: Monitor | None = None
 
     def _active(self, state: Any) -> bool:
@@ -123,6 +126,8 @@ class NTKCallback(TrainerCallback):
             return
         self.monitor = Monitor(model, self.inputs, targets=self.targets, **self.kw)
         self.monitor.probe_parallel = self.probe_parallel
+        if self.resume_state is not None:
+            self.monitor.load_state_dict(self.resume_state)
         self._log(self.monitor.step(state.global_step), state)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
