@@ -40,7 +40,9 @@ def test_monitor_loop_example(tmp_path: Path) -> None:
     for a, b in zip(rows, res["rows"]):  # the CSV holds the rows to full precision
         assert all(a[k] == b[k] or (k == "loss" and math.isnan(a[k]) and math.isnan(b[k])) for k in a)
     assert all(r[f"{m}_stderr"] > 0 for r in rows for m in DEFAULT_METRICS if not (m == "kernel_alignment" and r["step"] == 0))
-    assert rows[0]["kernel_alignment"] == pytest.approx(1.0, abs=1e-6) and rows[-1]["kernel_alignment"] < 1
+    # K_0 against itself: exactly 1 with shared VJP probes; "auto" may pick JVP (independent probes), then within its error
+    first = rows[0]
+    assert abs(first["kernel_alignment"] - 1.0) <= 4 * first["kernel_alignment_stderr"] + 1e-6, first
     assert rows[1]["loss"] < rows[0]["loss"] and math.isnan(rows[2]["loss"])  # the last record was given no loss
 
 
