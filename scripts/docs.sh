@@ -8,5 +8,7 @@ bash scripts/setup.sh
 if ! .venv/bin/python -c "import mkdocs, material, mkdocstrings_handlers.python, markdown_exec" 2>/dev/null; then
   .venv/bin/python -m pip install -q -c constraints.txt -e '.[docs]' 2>&1 | grep -v '^WARNING: Location' || true
 fi
-export MPLBACKEND=Agg NO_MKDOCS_2_WARNING=1
+# one torch thread: the tutorials are small, and on a loaded 2-core machine two threads spin
+# against each other (a 150-step training loop took 17x longer with two)
+export MPLBACKEND=Agg NO_MKDOCS_2_WARNING=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 exec .venv/bin/mkdocs build --strict "$@"

@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _build(config: Path, site: Path, timeout: float) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, MPLBACKEND="Agg", NO_MKDOCS_2_WARNING="1", PYTHONPATH=str(ROOT / "src"))
+    # one torch thread: it runs beside the other pytest-xdist worker (see scripts/docs.sh)
+    env = dict(os.environ, MPLBACKEND="Agg", NO_MKDOCS_2_WARNING="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
     return subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(config), "-d", str(site)],
         cwd=config.parent,
