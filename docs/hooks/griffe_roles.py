@@ -17,7 +17,7 @@ import griffe
 
 _ROLE = re.compile(r":(?:py:)?(?:class|func|meth|mod|data|attr|obj|exc):`(~?)([^`<>]+?)`")
 # ``double backticks`` (reST literals) -> `single` (Markdown code); leave fenced blocks alone
-_LITERAL = re.compile(r"``([^`\n]+?)``")
+_LITERAL = re.compile(r"``([^`]+?)``")
 
 
 def _lookup(path: str) -> str | None:
