@@ -350,6 +350,12 @@ def hidden_ntk(
         A :class:`RecurrentNTK`; ``K.state_shape`` and ``K.axes`` name the state axes, e.g.
         ``(50, 15, 64)`` and ``("time", "batch", "hidden")`` for the paper's GRU; a
         bidirectional layer adds ``"direction"`` before ``"hidden"``.
+
+    Cost: one JVP (or VJP) pushes a probe through the whole unrolled sequence, about the price
+    of one forward (backward) pass over all T steps, batched over a chunk of probes.  With
+    ``D = T·B·H`` usually far above P, the JVP side (probes in R^P) is the one-sided method of
+    choice, as in the paper's GRU experiments (Hazelden 2025, Figs. 2–3); the exact kernel
+    needs ``min(D, P)`` passes.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}; use step_ntk for step functions")
