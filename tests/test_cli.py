@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -195,3 +196,36 @@ def test_track_sigint_then_resume_equals_uninterrupted(user_file: Path, tmp_path
     assert (tmp_path / "part_effective_rank.png").stat().st_size > 5000  # plots written at the end
     # the model file is the user's: tracking never wrote next to it
     assert sorted(p.name for p in user_file.parent.glob("mymodel*")) == ["mymodel.py"]
+
+
+def _run_in_process(*args: str) -> tuple[int, str]:
+    from typer.testing import CliRunner
+
+    from ntkscope.cli import app
+
+    r = CliRunner().invoke(app, list(args))
+    return r.exit_code, r.stderr
+
+
+def test_track_refuses_to_overwrite_and_other_every_on_resume(user_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "t.csv"
+    base = ["track", "-m", f"{user_file}:make", "--steps", "2", "-n", "4", "--method", "vjp", "--quiet", "--no-plots", "-o", str(out)]
+    tb = ["--logger", "tensorboard"] if importlib.util.find_spec("tensorboard") else []
+    code, err = _run_in_process(*base, "--every", "1", *tb)
+    assert code == 0, err
+    first = out.read_text()
+    assert [row["step"] for row in read_rows(out)] == [0, 1, 2]
+    if tb:
+        assert list((tmp_path / "t").glob("events.out.tfevents.*"))  # the TensorBoard run beside the CSV
+    code, err = _run_in_process(*base, "--every", "1")
+    assert code == 2 and err.strip().count("\n") == 0, err
+    assert "already exists" in err and "--resume" in err and "--overwrite" in err
+    assert out.read_text() == first  # untouched
+    code, err = _run_in_process(*base, "--every", "2", "--resume")
+    assert code == 2 and err.strip().count("\n") == 0, err
+    assert "every: interrupted run 1, now 2" in err
+    code, err = _run_in_process(*base, "--every", "1", "--overwrite", "--method", "jvp")
+    assert code == 0, err
+    assert {row["method"] for row in read_rows(out)} == {"jvp"}
+    code, err = _run_in_process(*base, "--logger", "bogus", "--overwrite")
+    assert code == 2 and "unknown --logger" in err

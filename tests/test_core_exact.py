@@ -112,15 +112,22 @@ def test_every_fallback_path_agrees(case: Z.Case) -> None:
     V = torch.randn(ref.dim, 3, generator=g, dtype=torch.float64)
     a, b = ref.jvp(U), ref.vjp(V)
     mkldnn_gap = case.name == "lstm-float32"  # oneDNN's LSTM has no forward-mode rule
+    has_rules = bool(ref.rules)
     for p in _JVP_PATHS:
+        if p.rules and not has_rules:  # a model without ruled submodules cannot be forced onto rules
+            with pytest.raises(ValueError, match="no submodule of this model has a rule"):
+                case.ntk(jvp_path=p.name)
+            continue
         K = case.ntk(jvp_path=p.name, chunk_size=2)  # chunk 2 < 3 probes: the chunk loop runs too
-        if mkldnn_gap and not (p.mkldnn_off or p.double_vjp):
+        if mkldnn_gap and not (p.mkldnn_off or p.double_vjp or p.rules):  # the rules need no oneDNN
             with pytest.raises(RuntimeError, match="(?s)no JVP evaluation path works.*mkldnn"):
                 K.jvp(U)
             continue
         assert _rel(K.jvp(U), a) < tol, p.name
         assert K.paths["jvp"] == p.name
     for p in _VJP_PATHS:
+        if p.rules and not has_rules:
+            continue
         K = case.ntk(vjp_path=p.name, chunk_size=2)
         assert _rel(K.vjp(V), b) < tol, p.name
         assert K.paths["vjp"] == p.name
@@ -134,8 +141,11 @@ def test_lstm_forward_mode_path_is_reported(dtype: torch.dtype) -> None:
     J = Z.reference_jacobian(Z.lstm(torch.float64)).to(dtype)
     U = torch.randn(K.num_params, 4, generator=torch.Generator().manual_seed(0), dtype=dtype)
     assert _rel(K.jvp(U), J @ U) < (1e-5 if dtype == torch.float32 else 1e-12)
-    if dtype == torch.float32:  # oneDNN's LSTM cell lacks forward AD: the no-oneDNN path took over
-        assert K.paths["jvp"] == "vmap-forward-no-mkldnn"
+    assert K.paths["jvp"] == "vmap-forward+rules"  # the LSTM rule needs no oneDNN kernel
+    if dtype == torch.float32:  # without rules: oneDNN's LSTM cell lacks forward AD, the no-oneDNN path takes over
+        K2 = case.ntk(rules=False)
+        assert _rel(K2.jvp(U), J @ U) < 1e-5
+        assert K2.paths["jvp"] == "vmap-forward-no-mkldnn"
     assert K.modes() == {"jvp": True, "vjp": True}
     est = nk.trace(K, method="jvp", num_probes=8, seed=0)
     assert est.info["paths"]["jvp"] == K.paths["jvp"]

@@ -254,8 +254,13 @@ def test_lstm_float32_onednn_forward_mode_fallback():
         # adjoint identity ⟨Ju, w⟩ = ⟨u, Jᵀw⟩
         torch.testing.assert_close((Ju * w).sum(0), (u * Jtw).sum(0), rtol=1e-4, atol=1e-4)
         assert K.paths["jvp"] is not None and K.paths["vjp"] is not None
+        # the LSTM rule needs no oneDNN kernel; without rules the operator finds the no-oneDNN path
+        assert K.paths["jvp"] == "vmap-forward+rules"
         if torch.backends.mkldnn.is_available() and layer is None:
-            assert "no-mkldnn" in K.paths["jvp"] or "double-vjp" in K.paths["jvp"]
+            K2 = hidden_ntk(lstm, x, layer=layer)
+            K2._evaluator.rules_ok["jvp"] = False  # as if the rules had failed their check
+            torch.testing.assert_close(K2.jvp(u), Ju, rtol=1e-4, atol=1e-4)
+            assert "no-mkldnn" in K2.paths["jvp"] or "double-vjp" in K2.paths["jvp"]
         # the exact trace agrees through either side
         assert ex.exact_trace(K) == pytest.approx(float(ex.jacobian(K, side="vjp").double().square().sum()), rel=1e-4)
 

@@ -13,6 +13,8 @@ Public API (the contract other tools build on):
   ranks and alignments: where the kernel lives and which block moved it), :class:`ParameterBlocks`.
 * Transformers: :func:`transformer_ntk`.  Spectrum: :func:`top_eigenvalues`,
   :func:`spectral_density`, :func:`entropy_effective_rank`.
+* :class:`Monitor` — NTK metrics inside your own training loop, to CSV, TensorBoard, W&B or a
+  callable; Lightning and Hugging Face callbacks in ``ntkscope.integrations``.
 * Submodules: ``ntkscope.differentiable`` (statistics as training losses),
   ``ntkscope.distributed`` (torch.distributed probe- and data-parallel), ``ntkscope.plot``,
   ``ntkscope.tasks`` (built-in data and models), ``ntkscope.exact`` (dense reference),
@@ -23,6 +25,7 @@ from .adaptive import ConvergenceWarning
 from .blocks import ParameterBlocks, parameter_blocks
 from .estimate import Estimate
 from .metrics import Method, alignment, choose_method, effective_rank, frobenius_norm, target_alignment, trace
+from .monitor import Monitor
 from .operators import NTK, CallableOperator, DenseOperator, FactoredKernel, KernelOperator, as_operator
 from .probes import Probe
 from .recurrent import RecurrentNTK, hidden_ntk, step_ntk
@@ -60,6 +63,7 @@ __all__ = [
     "block_frobenius",
     "block_effective_rank",
     "transformer_ntk",
+    "Monitor",
     "parameter_blocks",
     "ParameterBlocks",
 ]

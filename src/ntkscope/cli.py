@@ -7,6 +7,7 @@ Exit codes: 0 success; 1 an error while running (the user's code raised, an esti
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 import time
@@ -81,6 +82,7 @@ def _fail(message: str, code: int = EXIT_ERROR, details: str | None = None) -> t
 def _errors() -> Iterator[None]:
     """Map our exceptions to one-line messages and conventional exit codes."""
     from .demo import SpecError, UserCodeError
+    from .track import SettingsMismatchError
 
     try:
         yield
@@ -89,6 +91,8 @@ def _errors() -> Iterator[None]:
     except KeyboardInterrupt:
         raise _fail("interrupted", EXIT_INTERRUPTED) from None
     except SpecError as e:
+        raise _fail(str(e), EXIT_USAGE) from None
+    except SettingsMismatchError as e:
         raise _fail(str(e), EXIT_USAGE) from None
     except UserCodeError as e:
         raise _fail(str(e), EXIT_ERROR, e.user_traceback) from None
@@ -319,6 +323,14 @@ def track(
     num_probes: ProbesOpt = 32,
     seed: SeedOpt = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last row.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUT (and its checkpoint) instead of refusing.")] = False,
+    logger: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--logger",
+            help="Also log to 'tensorboard' (scalars ntk/<metric> in the directory OUT without .csv) or 'wandb' (repeatable); the CSV is always written.",  # noqa: E501
+        ),
+    ] = None,
     jsonl: Annotated[bool, typer.Option("--jsonl", help="Also write the rows as JSON lines (OUT with .jsonl).")] = False,
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write PNG plots of each metric at the end.")] = True,
     quiet: QuietOpt = False,
@@ -335,10 +347,19 @@ def track(
         spec = demo.load_spec(model, seed=seed)
         if spec.targets is None:
             raise _fail("track needs targets: return (model, inputs, targets) from the factory", EXIT_USAGE)
+        if resume and overwrite:
+            raise _fail("--resume and --overwrite exclude each other", EXIT_USAGE)
         if resume and not out.is_file():
             raise _fail(f"nothing to resume: {out} does not exist", EXIT_USAGE)
-        if not resume and out.exists() and tr.checkpoint_path(out).exists() and not quiet:
-            err_console.print(f"[yellow]overwriting {out} (use --resume to continue it)[/yellow]")
+        if not resume and out.exists() and out.stat().st_size > 0 and not overwrite:
+            raise _fail(f"{out} already exists: pass --resume to continue it or --overwrite to replace it", EXIT_USAGE)
+        extra = [lg.strip() for lg in (logger or []) if lg.strip() and lg.strip() != "csv"]
+        bad = [lg for lg in extra if lg not in ("tensorboard", "wandb")]
+        if bad:
+            raise _fail(f"unknown --logger {bad[0]!r}; choose csv, tensorboard or wandb", EXIT_USAGE)
+        for lg, module, extra_name in (("tensorboard", "tensorboard", "tensorboard"), ("wandb", "wandb", "wandb")):
+            if lg in extra and importlib.util.find_spec(module) is None:
+                raise _fail(f"--logger {lg} needs the {module} package: pip install 'ntkscope[{extra_name}]'", EXIT_USAGE)
         with _progress(quiet, total=steps) as update:
             update(f"tracking {spec.name}")
 
@@ -370,7 +391,9 @@ def track(
                 num_probes=num_probes,
                 seed=seed,
                 resume=resume,
+                overwrite=overwrite,
                 jsonl=jsonl,
+                loggers=extra,
                 on_row=on_row,
                 on_step=on_step,
             )

@@ -185,7 +185,12 @@ def offdiag_mean(H: torch.Tensor) -> torch.Tensor:
 
 
 def trace_estimate(A: torch.Tensor) -> torch.Tensor:
-    """``(1/m) Σ‖a_i‖²`` from rows ``A`` (``(m, ·)``): unbiased for ``tr K``, unbiased gradient."""
+    """``(1/m) Σ‖a_i‖²`` from rows ``A`` (``(m, ·)``): unbiased for ``tr K``, unbiased gradient.
+
+    Variance that of the one-sided trace (:func:`ntkscope.estimators.onesided`): for VJP rows
+    with Rademacher probes ``2(‖K‖_F² − Σᵢ Kᵢᵢ²)/m``.  Cost: the m rows (one VJP or JVP each in
+    the forward pass, and one more reverse pass through them in ``backward()``).
+    """
     return A.square().sum(1).mean()
 
 
@@ -194,6 +199,8 @@ def frobenius_sq_estimate(A: torch.Tensor, B: torch.Tensor | None = None) -> tor
 
     With one block ``A``: the U-statistic ``mean_{i≠j} (a_i·a_j)²``.  With a second block ``B``
     from an *independent* probe set on the same side: ``mean_{i,j} (a_i·b_j)²`` (all pairs).
+    Leading variance ``8‖K²‖_F²/m`` for Gaussian probes (see
+    :func:`ntkscope.estimators.pair_mean_loo`); ``O(m²·P)`` for the Gram, no extra AD passes.
     """
     if B is None:
         return offdiag_mean((A @ A.T).square())

@@ -57,14 +57,22 @@ class Method(str, enum.Enum):
     """Estimation methods and their trade-offs.
 
     * ``exact``: basis vectors through the smaller side, ``min(D, P)`` passes; no error.
-    * ``hutchinson``: ``E vᵀKv`` on K, 2 passes per probe; variance ``O(‖K‖_F²/m)``.
+    * ``hutchinson``: ``E vᵀKv`` on K, 2 passes per probe; variance of the mean
+      ``2(‖K‖_F² − Σᵢ Kᵢᵢ²)/m`` (Rademacher) or ``2‖K‖_F²/m`` (Gaussian) (Hutchinson 1989).
     * ``hutchpp``: Hutch++ — sketch, deflate, Hutchinson on the rest; error ``O(1/m)`` for
       decaying spectra, exact once the sketch spans K's range.  Best at high accuracy.
+      2 passes per matvec, m split in thirds (Meyer, Musco, Musco, Woodruff, SOSA 2021).
     * ``xtrace``: XTrace/XNysTrace — every probe serves as sketch and as residual probe, with
-      its own exchangeable error estimate; needs both modes like Hutch++.
-    * ``vjp``: one-sided ``E‖Jᵀw‖²``, probes in R^D, reverse mode only, 1 pass per probe.
-    * ``jvp``: one-sided ``E‖Ju‖²``, probes in R^P, forward mode only, 1 pass per probe.
-      One-sided methods win at low budgets, most when D and P are far apart.
+      its own exchangeable error estimate; needs both modes like Hutch++.  XNysTrace (the
+      Nyström variant) runs for PSD operators: an NTK, G, K² (Epperly, Tropp, Webber, SIMAX
+      2024).  Unbiased; the error estimate under-covers (read it as an indicator).
+    * ``vjp``: one-sided ``E‖Jᵀw‖²``, probes in R^D, reverse mode only, 1 pass per probe;
+      sample variance that of Hutchinson on K (it *is* Hutchinson's sample, at half the cost).
+    * ``jvp``: one-sided ``E‖Ju‖²``, probes in R^P, forward mode only, 1 pass per probe;
+      sample variance ``2(‖G‖_F² − Σⱼ Gⱼⱼ²)`` (Rademacher) with ``G = JᵀJ``.
+      One-sided methods win at low budgets, most when D and P are far apart (Hazelden,
+      arXiv 2511.10796).  Norms and ratios use U-statistics over the probe Gram of the same
+      passes (see :func:`frobenius_norm`).
     * ``vjp_proj`` / ``jvp_proj``: the paper's one-sided variants with a random projected block
       of ``m // 6`` probe directions handled exactly (trace only).
     * ``auto``: reads ``num_probes`` as a budget of AD passes per kernel.  Exact if that costs
@@ -539,6 +547,13 @@ def trace(
     """``tr K`` — for an NTK, ``‖J‖_F²``, the sum of its eigenvalues.
 
     One-sided methods need one AD mode only: ``tr K = E‖Jᵀw‖² = E‖Ju‖²`` (Hazelden 2025).
+
+    Every method is unbiased for the trace.  Cost and error per method: ``exact`` ``min(D, P)``
+    passes; ``vjp``/``jvp`` m passes, variance ``2(‖K‖_F² − Σᵢ Kᵢᵢ²)/m`` (VJP, Rademacher) or
+    ``2(‖G‖_F² − Σⱼ Gⱼⱼ²)/m`` (JVP); ``hutchinson`` 2m passes, the VJP variance; ``hutchpp``
+    and ``xtrace`` 2m passes, error ``O(1/m)`` on decaying spectra (see :class:`Method`).
+    The ``stderr`` is the sample standard error of the per-probe samples (Hutch++: of its
+    residual, conditional on the sketch; XTrace: its own exchangeable estimate).
     """
 
     def body(ops: list[KernelOperator], ctx: _Ctx) -> tuple[list[Part], Callable[[torch.Tensor], torch.Tensor]]:
@@ -565,6 +580,13 @@ def frobenius_norm(
     Two-sided: ``E‖Kv‖²`` (Hutchinson), Hutch++ on K², XNysTrace on K².  One-sided: the
     U-statistic ``mean_{i≠j} (w_iᵀ K w_j)²`` over the Gram of ``Jᵀw_i`` (VJP) or of ``Ju_i``
     (JVP, with ``‖JᵀJ‖_F = ‖K‖_F``): every pair of probes is a sample, from one pass per probe.
+
+    Cost: m passes (one-sided), 2m (Hutchinson, Hutch++: a matvec of K per probe), 4 per matvec
+    of K² (XTrace).  ``‖K‖_F²`` is unbiased for every method; its square root is biased low by
+    about ``Var/(8‖K‖_F³)`` (Jensen), ``O(1/m)``.  One-sided variance to leading order
+    ``8‖K²‖_F²/m`` (Gaussian probes; Hoeffding's U-statistic variance, see
+    :func:`ntkscope.estimators.pair_mean_loo`); Hutchinson's ``E‖Kv‖²`` has
+    ``2‖K²‖_F²/m`` (Gaussian) at twice the passes per probe.
     """
 
     def body(ops: list[KernelOperator], ctx: _Ctx) -> tuple[list[Part], Callable[[torch.Tensor], torch.Tensor]]:
@@ -613,6 +635,12 @@ def effective_rank(
     Trace and norm come from the same probes (shared products), so their noise is correlated
     and partly cancels.  Biased at small budgets; ``info["bias_corrected"]`` holds the jackknife
     correction.
+
+    Cost: that of :func:`frobenius_norm` (the trace comes free from the same passes).  By the
+    delta method, with ``t = tr K`` and ``f = ‖K‖_F²`` estimated by ``t̂``, ``f̂``,
+    ``Var(t̂²/f̂) ≈ (t²/f)² · (4Var t̂/t² + Var f̂/f² − 4Cov(t̂, f̂)/(t f))`` and the bias is
+    ``O(1/m)``; the jackknife estimates both from the probes.  The paper's definition
+    (Hazelden 2025); for the entropy-based rank see :func:`ntkscope.entropy_effective_rank`.
     """
 
     def body(ops: list[KernelOperator], ctx: _Ctx) -> tuple[list[Part], Callable[[torch.Tensor], torch.Tensor]]:
@@ -646,6 +674,12 @@ def alignment(
     are compared unless ``check_inputs=False``).  Probes are shared between numerator and norms.
     One-sided VJP: ``mean_{i≠j} (w_iᵀK1w_j)(w_iᵀK2w_j)`` with shared w.  One-sided JVP:
     ``mean_{i,j} ((J1u_i)·(J2v_j))² = tr(K1K2)`` with independent u, v (P1 ≠ P2 allowed).
+
+    Cost: the passes of :func:`frobenius_norm` for each kernel (m per kernel one-sided, 2m
+    two-sided; XTrace runs on ``K1K2``, ``K1²`` and ``K2²``).  Numerator and norms are
+    unbiased; the ratio is biased ``O(1/m)`` (jackknife correction in ``info``).  Two-sided
+    methods use ``E (K1v)·(K2v) = tr(K1K2)``; ``K1K2`` is not PSD, so Hutch++'s relative-error
+    guarantee covers the norms but not the numerator.
     """
     o1, o2 = as_operator(K1), as_operator(K2)
     if o1.dim != o2.dim:
@@ -742,6 +776,10 @@ def target_alignment(
     over the last state axis).  The numerator is exact (``‖Jᵀy‖²``: one VJP; one matvec for a
     plain operator) except for ``method="jvp"``, which estimates it from the same JVPs as the
     norm (``E (yᵀJu)² = yᵀKy``) so that no reverse pass is needed.
+
+    Cost: one VJP for ``‖Jᵀy‖²`` plus the passes of :func:`frobenius_norm`.  The ratio is
+    biased ``O(1/m)`` through the norm (jackknife correction in ``info``).  Kernel–target
+    alignment after Cristianini, Shawe-Taylor, Elisseeff, Kandola (NeurIPS 2001), uncentred.
     """
     op0 = as_operator(K)
     y = _as_targets(targets, op0)

@@ -14,17 +14,17 @@ Blocks are columns throughout: ``vjp`` takes ``(D, m)`` and returns ``(P, m)``; 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import time
-import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, jvp, vjp, vmap
+from torch.func import functional_call
+
+from . import rules as _rules
+from .evaluators import JVP_PATHS, VJP_PATHS, Evaluator, Path, quiet
 
 __all__ = [
     "KernelOperator",
@@ -37,9 +37,30 @@ __all__ = [
     "smaller_kernel",
 ]
 
-# Per chunk of probes we keep roughly this many bytes of probe/result vectors alive.
-_CHUNK_BYTES = 256 * 2**20
-_MAX_AUTO_CHUNK = 256
+# Per chunk of probes we keep at most this many bytes alive (see chunk_budget_bytes), and never
+# more probes than this: beyond it, larger GEMMs gain nothing and the per-step blocks of the
+# recurrences fall out of cache.
+_CHUNK_BYTES = 512 * 2**20
+_MAX_AUTO_CHUNK = 512
+
+
+def chunk_budget_bytes(device: torch.device) -> int:
+    """Memory one chunk of probes may use: ``_CHUNK_BYTES``, or less where the device has less
+    than 8× that free (a sixteenth of free memory, at least 32 MiB)."""
+    free = None
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        try:
+            with open("/proc/meminfo") as fh:
+                for line in fh:
+                    if line.startswith("MemAvailable:"):
+                        free = int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    if free is None or free >= 8 * _CHUNK_BYTES:
+        return _CHUNK_BYTES
+    return max(32 * 2**20, free // 16)
 
 
 class KernelOperator:
@@ -258,45 +279,11 @@ def as_operator(K: Any, dim: int | None = None) -> KernelOperator:
 # The NTK of a PyTorch model
 
 
-@dataclass(frozen=True)
-class _Path:
-    """One way of evaluating a batch of AD passes."""
-
-    name: str
-    batched: bool  # vmap over probes, or a Python loop
-    mkldnn_off: bool  # run with oneDNN disabled (LSTM forward-mode on CPU needs it)
-    double_vjp: bool = False  # JVP as the VJP of a VJP (where forward-mode AD is missing)
-
-    def context(self) -> contextlib.AbstractContextManager[Any]:
-        return torch.backends.mkldnn.flags(enabled=False) if self.mkldnn_off else contextlib.nullcontext()
-
-
-_JVP_PATHS = (
-    _Path("vmap-forward", True, False),
-    _Path("vmap-forward-no-mkldnn", True, True),
-    _Path("loop-forward", False, False),
-    _Path("loop-forward-no-mkldnn", False, True),
-    _Path("vmap-double-vjp", True, False, True),
-    _Path("loop-double-vjp", False, False, True),
-    _Path("loop-double-vjp-no-mkldnn", False, True, True),
-)
-_VJP_PATHS = (
-    _Path("vmap-reverse", True, False),
-    _Path("vmap-reverse-no-mkldnn", True, True),
-    _Path("loop-reverse", False, False),
-    _Path("loop-reverse-no-mkldnn", False, True),
-)
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*RNN module weights are not part of single contiguous.*")
-        warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", category=FutureWarning, message=".*functional_call.*")
-        # entering torch.backends.mkldnn.flags(...) on CPU builds warns about Intel-GPU TF32
-        warnings.filterwarnings("ignore", category=UserWarning, message=".*TF32 acceleration on top of oneDNN.*")
-        yield
+# the evaluation paths, re-exported under their historical private names
+_Path = Path
+_JVP_PATHS = JVP_PATHS
+_VJP_PATHS = VJP_PATHS
+_quiet = quiet
 
 
 class NTK(FactoredKernel):
@@ -320,17 +307,18 @@ class NTK(FactoredKernel):
         jvp_path / vjp_path: force an evaluation path (see :attr:`paths`); default tries the
             fastest and falls back when a path fails (no forward-mode rule, ``vmap`` unsupported,
             oneDNN's LSTM forward-mode gap).
-        fast: ``None`` (default) evaluates supported structures (an ``nn.Sequential`` MLP, a
-            single-layer ``nn.GRU``; see :mod:`ntkscope.fast`) with hand-written block
-            recurrences after checking them against the generic path; ``False`` never does;
-            ``True`` requires it.
+        rules: ``None`` (default) evaluates the submodules that have a batched-probe rule
+            (``nn.Linear``, the recurrent layers and cells; see :mod:`ntkscope.rules`) with it,
+            wherever they sit in the model, after checking each mode once against the generic
+            path; ``False`` never does; ``True`` requires some rule to apply.  ``fast`` is the
+            same switch under its former name.
 
     The parameters are read live: training the model in place changes this operator.  Pass
     ``params={n: p.detach().clone() ...}`` to pin a point.
     """
 
     model: nn.Module | None
-    _fast: Any  # ntkscope.fast.FastPath | None
+    rules: list[str]  # the submodules evaluated with rules ("name: Type")
 
     def __init__(
         self,
@@ -342,8 +330,11 @@ class NTK(FactoredKernel):
         chunk_size: int | None = None,
         jvp_path: str | None = None,
         vjp_path: str | None = None,
+        rules: bool | None = None,
         fast: bool | None = None,
     ) -> None:
+        if rules is None:
+            rules = fast
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}; use NTK.from_function for functions")
         _check_no_dropout(model)
@@ -363,16 +354,21 @@ class NTK(FactoredKernel):
             out = functional_call(module, values, args, kwargs, strict=False)
             return _select_output(out, output)
 
-        self._init_function(fn, primals, chunk_size, jvp_path, vjp_path, what=type(model).__name__)
-        # fast=None: use ntkscope.fast when the model is a supported structure (checked against
-        # the generic path on first use); True: require it; False: never.
-        if fast is not False and jvp_path is None and vjp_path is None:
-            from .fast import build as _build_fast
+        ruled_fn = None
+        self.rules = []
+        if rules is not False:
+            ruled, self.rules = _rules.substitute(module)
+            if ruled is not None:
 
-            self._fast_build = lambda: _build_fast(module, args, kwargs, output, names, self.primals)
-            self._fast = self._fast_build()
-        if fast is True and self._fast is None:
-            raise ValueError(f"fast=True: no fast path for this {type(model).__name__} (see ntkscope.fast for what is supported)")
+                def ruled_fn(*tensors: torch.Tensor) -> torch.Tensor:
+                    values = dict(fixed)
+                    values.update(zip(names, tensors))
+                    values.update(buffers)
+                    return _select_output(functional_call(ruled, values, args, kwargs, strict=False), output)
+
+        if rules is True and ruled_fn is None:
+            raise ValueError(f"rules=True: no submodule of this {type(model).__name__} has a rule (see ntkscope.rules for the supported modules)")
+        self._init_function(fn, primals, chunk_size, jvp_path, vjp_path, what=type(model).__name__, ruled_fn=ruled_fn)
 
     @classmethod
     def from_function(
@@ -385,8 +381,13 @@ class NTK(FactoredKernel):
         chunk_size: int | None = None,
         jvp_path: str | None = None,
         vjp_path: str | None = None,
+        ruled: tuple[Callable[[dict[str, torch.Tensor], Any], Any], list[str]] | None = None,
     ) -> NTK:
-        """The NTK of a plain function ``fn(params_dict, inputs) -> state``."""
+        """The NTK of a plain function ``fn(params_dict, inputs) -> state``.
+
+        ``ruled``: optionally ``(fn_with_rules, ruled_submodule_names)``, the same function
+        evaluated on modules with :mod:`ntkscope.rules` substituted (see :func:`ntkscope.rules.substitute`).
+        """
         if isinstance(params, nn.Module):
             params = {n: p for n, p in params.named_parameters() if p.requires_grad}
         if not isinstance(params, Mapping):
@@ -406,7 +407,15 @@ class NTK(FactoredKernel):
         def f(*tensors: torch.Tensor) -> torch.Tensor:
             return _select_output(fn(dict(zip(names, tensors)), inputs), output)
 
-        self._init_function(f, [params[n].detach() for n in names], chunk_size, jvp_path, vjp_path, what="function")
+        self.rules = list(ruled[1]) if ruled is not None else []
+        f_ruled = None
+        if ruled is not None:
+            fn_r = ruled[0]
+
+            def f_ruled(*tensors: torch.Tensor) -> torch.Tensor:
+                return _select_output(fn_r(dict(zip(names, tensors)), inputs), output)
+
+        self._init_function(f, [params[n].detach() for n in names], chunk_size, jvp_path, vjp_path, what="function", ruled_fn=f_ruled)
         return self
 
     @staticmethod
@@ -424,6 +433,7 @@ class NTK(FactoredKernel):
         jvp_path: str | None,
         vjp_path: str | None,
         what: str,
+        ruled_fn: Callable[..., torch.Tensor] | None = None,
     ) -> None:
         self._fn_raw = fn
         self.primals = tuple(primals)
@@ -465,200 +475,68 @@ class NTK(FactoredKernel):
         self.num_params = num_params
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        self.chunk_size = chunk_size or self._default_chunk()
-        self._paths: dict[str, _Path | None] = {
-            "jvp": _find_path(_JVP_PATHS, jvp_path),
-            "vjp": _find_path(_VJP_PATHS, vjp_path),
-        }
-        self._forced = {"jvp": jvp_path is not None, "vjp": vjp_path is not None}
-        self._broken: dict[str, Exception] = {}
+        generic_chunk = chunk_size or self._default_chunk(self._fn_raw)
+        ruled_chunk = None if ruled_fn is None else chunk_size or self._default_chunk(ruled_fn, rules=True)
+        #: probes per vectorised batch (of the rules' paths where rules apply)
+        self.chunk_size = ruled_chunk or generic_chunk
+        flat_ruled = None if ruled_fn is None else (lambda *t: ruled_fn(*t).reshape(-1))
+        self._evaluator = Evaluator(self._f, self.primals, flat_ruled, generic_chunk, jvp_path, vjp_path, ruled_chunk_size=ruled_chunk)
         self._pass_seconds: dict[str, float] = {}
-        self._fast = None  # an ntkscope.fast.FastPath, set by __init__ for supported models
-        self._fast_ok: dict[str, bool] = {}
-        self._fast_busy = False
 
-    def _default_chunk(self) -> int:
-        """Probes per vmap batch so that their working set stays near ``_CHUNK_BYTES``.
+    def _default_chunk(self, fn: Callable[..., torch.Tensor], rules: bool = False) -> int:
+        """Probes per vmap batch so that their working set fits the memory budget.
 
         A vmapped pass keeps, per probe, its input and output vectors (D + P numbers) and a
         tangent or cotangent for every intermediate the forward saves for backward (often far
         more than D for convolutional or recurrent models); the intermediates are measured once
-        with ``saved_tensors_hooks`` on one forward.
+        with ``saved_tensors_hooks`` on one forward.  With rules, the rules' own per-probe blocks
+        (which they report) count instead of the saved activations of the modules they replace.
+        The same chunk serves both modes.  Budget: :func:`chunk_budget_bytes`.
         """
-        per_probe = self.dtype.itemsize * (self.dim + self.num_params + _saved_numel(self._fn_raw, self.primals)) * 2
-        return max(1, min(_MAX_AUTO_CHUNK, _CHUNK_BYTES // per_probe))
+        per_probe = self.dtype.itemsize * (self.dim + self.num_params + _saved_numel(fn, self.primals, rules)) * 2
+        return max(1, min(_MAX_AUTO_CHUNK, chunk_budget_bytes(self.device) // per_probe))
 
     def _f(self, *tensors: torch.Tensor) -> torch.Tensor:
         return self._fn_raw(*tensors).reshape(-1)
-
-    def _unflatten(self, U: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """``(m, P)`` rows -> per-parameter tensors ``(m, *shape)``."""
-        parts = torch.split(U, self.param_numels, dim=1)
-        return tuple(p.reshape(U.shape[0], *s) for p, s in zip(parts, self.param_shapes))
 
     # -- passes -------------------------------------------------------------------------------
 
     @property
     def paths(self) -> dict[str, str | None]:
-        """The evaluation path each AD mode took (None: not used yet)."""
-        return {
-            k: (self._fast.name if self._fast_ok.get(k) else p.name if p else None) for k, p in self._paths.items()
-        }
+        """The evaluation path each AD mode took (None: not used yet); ``+rules`` marks the
+        per-module rules (:attr:`rules` lists the submodules they cover)."""
+        return {k: p.name if p else None for k, p in self._evaluator.paths.items()}
+
+    @property
+    def _broken(self) -> dict[str, Exception]:
+        return self._evaluator.broken
 
     def sqnorms(self, side: str, X: torch.Tensor) -> torch.Tensor:
-        if self._fast is None or side not in ("jvp", "vjp"):
-            return super().sqnorms(side, X)
-        X, _ = _as_block(X, self.dim if side == "vjp" else self.num_params, "‖Jᵀ·V‖²" if side == "vjp" else "‖J·U‖²")
-        got = self._fast_for(side, X.to(self.dtype), norms=True)
-        if got is None:
-            return super().sqnorms(side, X)
-        if side == "vjp":
-            self.vjp_count += X.shape[1]
-        else:
+        """Per-column ``‖Jᵀx‖²`` / ``‖Jx‖²`` (float64), reduced chunk by chunk: the ``(P or D) × m``
+        block is never held whole."""
+        if side not in ("jvp", "vjp"):
+            raise ValueError(f"side must be 'jvp' or 'vjp', got {side!r}")
+        n = self.num_params if side == "jvp" else self.dim
+        X, _ = _as_block(X, n, "‖J·U‖²" if side == "jvp" else "‖Jᵀ·V‖²")
+        rows = X.to(device=self.device, dtype=self.dtype).T.contiguous()
+        out = self._evaluator.run(side, rows, reduce=lambda r: torch.linalg.vector_norm(r, dim=1, dtype=torch.float64).square())
+        if side == "jvp":
             self.jvp_count += X.shape[1]
-        return got
-
-    def _fast_for(self, mode: str, X: torch.Tensor, norms: bool = False) -> torch.Tensor | None:
-        """``J X`` / ``Jᵀ X`` by the fast path (:mod:`ntkscope.fast`), or None for the generic path.
-
-        The first call per mode checks the fast path against the generic ``torch.func`` path on
-        one fixed random probe (relative difference ≤ 1e-10 in float64, 1e-4 in float32) and
-        stops using it for that mode when they disagree.
-        """
-        if self._fast is None or self._fast_busy or self._fast_ok.get(mode) is False:
-            return None
-        if self._fast.stale():  # parameters or inputs changed in place since its forward pass
-            self._fast = self._fast_build()
-            if self._fast is None:
-                return None
-        apply = self._fast.jvp if mode == "jvp" else self._fast.vjp
-        if mode not in self._fast_ok:
-            n = self.num_params if mode == "jvp" else self.dim
-            x = torch.randn(n, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-            x = x.to(device=self.device, dtype=self.dtype)
-            self._fast_busy = True
-            try:
-                ref = (self._jvp if mode == "jvp" else self._vjp)(x)
-            finally:
-                self._fast_busy = False
-            try:
-                got = apply(x)
-                tol = 1e-10 if self.dtype == torch.float64 else 1e-4
-                ok = bool(torch.linalg.vector_norm(got - ref) <= tol * torch.linalg.vector_norm(ref))
-            except Exception:  # an unforeseen structure: the generic path stays correct
-                ok = False
-            self._fast_ok[mode] = ok
-            if not ok:
-                return None
-        # blocks of ≤ 64 probes keep the per-step working set of the recurrences in cache; each
-        # block writes straight into its slice of the result (no concatenation copy)
-        step = max(1, min(self.chunk_size, 64))
-        m = X.shape[1]
-        if norms:  # per-probe squared norms, never the (D or P) × m block
-            sq = self._fast.vjp_sqnorms if mode == "vjp" else self._fast.jvp_sqnorms
-            return torch.cat([sq(X[:, s : s + step]) for s in range(0, m, step)])
-        if m <= step:
-            return apply(X)
-        if mode == "vjp":  # probe-major rows, returned transposed like the generic path
-            rows = X.new_empty(m, self.num_params)
-            for s in range(0, m, step):
-                self._fast.vjp(X[:, s : s + step], out=rows[s : s + step])
-            return rows.T
-        cols = X.new_empty(self.dim, m)
-        for s in range(0, m, step):
-            self._fast.jvp(X[:, s : s + step], out=cols[:, s : s + step])
-        return cols
-
-    def _run(self, mode: str, block: torch.Tensor, impl: Callable[[_Path, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """Evaluate ``block`` (rows = probes) chunk by chunk, falling back to slower paths."""
-        if mode in self._broken:
-            raise RuntimeError(f"{mode.upper()} is unavailable for this model: {self._broken[mode]}")
-        candidates = _JVP_PATHS if mode == "jvp" else _VJP_PATHS
-        path = self._paths[mode]
-        order = [path] if path is not None else list(candidates)
-        outs = []
-        for start in range(0, block.shape[0], self.chunk_size):
-            chunk = block[start : start + self.chunk_size]
-            errors = []
-            while True:
-                p = order[0]
-                try:
-                    with _quiet(), p.context():
-                        outs.append(impl(p, chunk))
-                    break
-                except Exception as e:  # try the next path
-                    if _is_randomness_error(e):
-                        raise ValueError(
-                            "the model draws random numbers (e.g. Dropout in training mode), so its NTK is "
-                            "not defined: call model.eval() first"
-                        ) from e
-                    errors.append(f"{p.name}: {type(e).__name__}: {e}")
-                    if self._forced[mode] or len(order) == 1:
-                        self._broken[mode] = RuntimeError("; ".join(errors))
-                        raise RuntimeError(
-                            f"no {mode.upper()} evaluation path works for this model:\n  " + "\n  ".join(errors)
-                        ) from e
-                    order.pop(0)
-            self._paths[mode] = order[0]
-            order = [order[0]]
-        return torch.cat(outs, 0) if len(outs) > 1 else outs[0]
+        else:
+            self.vjp_count += X.shape[1]
+        return out
 
     def _vjp(self, V: torch.Tensor) -> torch.Tensor:
-        fast = self._fast_for("vjp", V)
-        if fast is not None:
-            return fast
-        rows = V.T.contiguous()
-        vjp_fn_cache: dict[bool, Callable[..., Any]] = {}
-
-        def impl(path: _Path, chunk: torch.Tensor) -> torch.Tensor:
-            if path.mkldnn_off not in vjp_fn_cache:  # one forward per call, reused by every chunk
-                vjp_fn_cache[path.mkldnn_off] = vjp(self._f, *self.primals)[1]
-            vjp_fn = vjp_fn_cache[path.mkldnn_off]
-            if path.batched:
-                parts = vmap(vjp_fn)(chunk)
-            else:
-                cols = [vjp_fn(r) for r in chunk]
-                parts = tuple(torch.stack([c[i] for c in cols]) for i in range(len(self.primals)))
-            return torch.cat([p.reshape(chunk.shape[0], -1) for p in parts], 1)
-
-        return self._run("vjp", rows, impl).T
+        return self._evaluator.run("vjp", V.T.contiguous()).T
 
     def _jvp(self, U: torch.Tensor) -> torch.Tensor:
-        fast = self._fast_for("jvp", U)
-        if fast is not None:
-            return fast
-        rows = U.T.contiguous()
-
-        def forward(*tangents: torch.Tensor) -> torch.Tensor:
-            return jvp(self._f, self.primals, tangents)[1]
-
-        # J u as the VJP of the linear map w ↦ Jᵀw; built once per call (one forward, one
-        # backward), then applied to every probe of every chunk
-        vjp2_cache: dict[bool, Callable[..., Any]] = {}
-
-        def impl(path: _Path, chunk: torch.Tensor) -> torch.Tensor:
-            tangents = self._unflatten(chunk)
-            fn: Callable[..., torch.Tensor] = forward
-            if path.double_vjp:
-                key = path.mkldnn_off
-                if key not in vjp2_cache:
-                    w0 = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
-                    vjp2_cache[key] = vjp(lambda w: vjp(self._f, *self.primals)[1](w), w0)[1]
-                vjp2 = vjp2_cache[key]
-
-                def fn(*t: torch.Tensor) -> torch.Tensor:
-                    return vjp2(t)[0]  # type: ignore[no-any-return]
-            if path.batched:
-                return vmap(fn)(*tangents)
-            return torch.stack([fn(*(t[i] for t in tangents)) for i in range(chunk.shape[0])])
-
-        return self._run("jvp", rows, impl).T
+        return self._evaluator.run("jvp", U.T.contiguous()).T
 
     def modes(self) -> dict[str, bool]:
         """Which AD modes work, found by one pass each (counted) the first time."""
         out = {}
         for mode in ("jvp", "vjp"):
-            if self._paths[mode] is None and mode not in self._broken:
+            if self._evaluator.paths[mode] is None and mode not in self._broken:
                 try:
                     self.pass_seconds(mode)
                 except RuntimeError:
@@ -712,8 +590,9 @@ class _DenseFactor(FactoredKernel):
 # helpers for NTK
 
 
-def _saved_numel(fn: Callable[..., torch.Tensor], primals: Sequence[torch.Tensor]) -> int:
-    """Numbers the forward of ``fn`` saves for backward (activations), parameters excluded."""
+def _saved_numel(fn: Callable[..., torch.Tensor], primals: Sequence[torch.Tensor], rules: bool = False) -> int:
+    """Numbers the forward of ``fn`` saves for backward (activations), parameters excluded; with
+    ``rules``, plus the per-probe working set the rules report (:mod:`ntkscope.rules`)."""
     seen = {p.data_ptr() for p in primals}
     total = 0
 
@@ -729,21 +608,12 @@ def _saved_numel(fn: Callable[..., torch.Tensor], primals: Sequence[torch.Tensor
         return t
 
     try:
-        with torch.enable_grad(), _quiet(), torch.random.fork_rng(devices=[]):
+        with torch.enable_grad(), _quiet(), torch.random.fork_rng(devices=[]), _rules.measure_probe_numel() as ruled:
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 fn(*(p.detach().requires_grad_() for p in primals))
     except Exception:  # a measurement only: fall back to D + P
         return 0
-    return total
-
-
-def _find_path(paths: Sequence[_Path], name: str | None) -> _Path | None:
-    if name is None:
-        return None
-    for p in paths:
-        if p.name == name:
-            return p
-    raise ValueError(f"unknown path {name!r}; choose one of {[p.name for p in paths]}")
+    return total + (ruled[0] if rules else 0)
 
 
 def _select_params(
@@ -868,7 +738,3 @@ def _select_output(out: Any, output: int | str | Callable[[Any], torch.Tensor] |
     if isinstance(out, Mapping):
         return out[output]
     return getattr(out, output)
-
-
-def _is_randomness_error(e: Exception) -> bool:
-    return "randomness" in str(e) and "vmap" in str(e)

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from . import rules as _rules
 from .operators import NTK, _check_no_dropout, _select_params
 
 __all__ = ["RecurrentNTK", "hidden_ntk", "step_ntk", "TIME", "BATCH", "HIDDEN", "DIRECTION", "LAYER"]
@@ -150,7 +151,7 @@ def _rnn_ntk(
     dir_axes = [DIRECTION] if nd == 2 else []
     top_layer = layer is None or (isinstance(layer, int) and not isinstance(layer, bool) and layer in (L - 1, -1))
     if top_layer and nd == 1:
-        # the top layer's output sequence: the module itself (the NTK's fast GRU path applies)
+        # the top layer's output sequence: the module itself (the recurrent rules apply)
         K = RecurrentNTK(model, (x, h0), output=0, params=params, chunk_size=chunk_size)
         return _finish(K, [*seq, HIDDEN], kind)
     if layer is None:
@@ -175,21 +176,26 @@ def _rnn_ntk(
     maps = [_layer_names(model, k) for k in range(top + 1)]
     is_lstm = isinstance(model, nn.LSTM)
 
-    def fn(p: dict[str, torch.Tensor], inputs: tuple[torch.Tensor, Any]) -> torch.Tensor:
-        values = {**fixed, **p}
-        inp, state = inputs
-        outs = []
-        for k in range(top + 1):
-            sl = slice(k * nd, (k + 1) * nd)
-            s0 = (state[0][sl], state[1][sl]) if is_lstm else state[sl]
-            out, _ = functional_call(templates[k], {t: values[n] for t, n in maps[k].items()}, (inp, s0))
-            outs.append(out)
-            inp = out
-        chosen = outs if all_layers else outs[-1:]
-        shaped = [o.reshape(*o.shape[:2], nd, -1) if nd == 2 else o for o in chosen]
-        return torch.stack(shaped) if all_layers else shaped[0]
+    def stack_fn(layers: Sequence[nn.Module]) -> Callable[[dict[str, torch.Tensor], tuple[torch.Tensor, Any]], torch.Tensor]:
+        def fn(p: dict[str, torch.Tensor], inputs: tuple[torch.Tensor, Any]) -> torch.Tensor:
+            values = {**fixed, **p}
+            inp, state = inputs
+            outs = []
+            for k in range(top + 1):
+                sl = slice(k * nd, (k + 1) * nd)
+                s0 = (state[0][sl], state[1][sl]) if is_lstm else state[sl]
+                out, _ = functional_call(layers[k], {t: values[n] for t, n in maps[k].items()}, (inp, s0))
+                outs.append(out)
+                inp = out
+            chosen = outs if all_layers else outs[-1:]
+            shaped = [o.reshape(*o.shape[:2], nd, -1) if nd == 2 else o for o in chosen]
+            return torch.stack(shaped) if all_layers else shaped[0]
 
-    Kf = RecurrentNTK.from_function(fn, dict(zip(names, primals)), (x, h0), chunk_size=chunk_size)
+        return fn
+
+    ruled_layers = [_rules.substitute(t)[0] for t in templates]
+    ruled = None if any(t is None for t in ruled_layers) else (stack_fn(ruled_layers), [f"layer {k}: {kind}" for k in range(top + 1)])  # type: ignore[arg-type]
+    Kf = RecurrentNTK.from_function(stack_fn(templates), dict(zip(names, primals)), (x, h0), chunk_size=chunk_size, ruled=ruled)
     axes = ([LAYER] if all_layers else []) + [*seq, *dir_axes, HIDDEN]
     return _finish(Kf, axes, kind if all_layers or top == L - 1 else f"{kind} layer {top}")
 
@@ -230,12 +236,17 @@ def _cell_ntk(
         h0 = (z, z.clone()) if is_lstm else z
     names, primals, fixed = _select_params(cell, params)
 
-    def fn(p: dict[str, torch.Tensor], inputs: tuple[torch.Tensor, Any]) -> torch.Tensor:
-        values = {**fixed, **p}
-        xs, s0 = inputs
-        return _loop(lambda h, xt: functional_call(cell, values, (xt, h)), xs, s0, batch_first, _first)
+    def loop_fn(c: nn.Module) -> Callable[[dict[str, torch.Tensor], tuple[torch.Tensor, Any]], torch.Tensor]:
+        def fn(p: dict[str, torch.Tensor], inputs: tuple[torch.Tensor, Any]) -> torch.Tensor:
+            values = {**fixed, **p}
+            xs, s0 = inputs
+            return _loop(lambda h, xt: functional_call(c, values, (xt, h)), xs, s0, batch_first, _first)
 
-    K = RecurrentNTK.from_function(fn, dict(zip(names, primals)), (x, h0), chunk_size=chunk_size)
+        return fn
+
+    ruled_cell, ruled_names = _rules.substitute(cell)
+    ruled = None if ruled_cell is None else (loop_fn(ruled_cell), ruled_names)
+    K = RecurrentNTK.from_function(loop_fn(cell), dict(zip(names, primals)), (x, h0), chunk_size=chunk_size, ruled=ruled)
     return _finish(K, [*_seq_axes(batch_first), HIDDEN], type(cell).__name__)
 
 
@@ -264,12 +275,13 @@ def _submodule_ntk(
     def hook(mod: nn.Module, args: tuple[Any, ...], out: Any) -> None:
         captured.append(out[0])
 
-    def run(p: dict[str, torch.Tensor], x: Any) -> torch.Tensor:
+    def run(p: dict[str, torch.Tensor], x: Any, net: nn.Module = model) -> torch.Tensor:
         captured.clear()
-        handles = [sub.register_forward_pre_hook(pre_hook, with_kwargs=True), sub.register_forward_hook(hook)]
+        part = net.get_submodule(submodule)
+        handles = [part.register_forward_pre_hook(pre_hook, with_kwargs=True), part.register_forward_hook(hook)]
         try:
             args = tuple(x) if isinstance(x, (tuple, list)) else (x,)
-            functional_call(model, p, args, strict=False)
+            functional_call(net, p, args, strict=False)
         finally:
             for h in handles:
                 h.remove()
@@ -286,7 +298,16 @@ def _submodule_ntk(
     def fn(p: dict[str, torch.Tensor], x: Any) -> torch.Tensor:
         return run({**values, **buffers, **p}, x)
 
-    K = RecurrentNTK.from_function(fn, dict(zip(names, primals)), inputs, chunk_size=chunk_size)
+    ruled_model, ruled_names = _rules.substitute(model)
+    ruled = None
+    if ruled_model is not None:
+        net = ruled_model
+
+        def fn_ruled(p: dict[str, torch.Tensor], x: Any) -> torch.Tensor:
+            return run({**values, **buffers, **p}, x, net)
+
+        ruled = (fn_ruled, ruled_names)
+    K = RecurrentNTK.from_function(fn, dict(zip(names, primals)), inputs, chunk_size=chunk_size, ruled=ruled)
     axes = [*_seq_axes(sub.batch_first), *([DIRECTION] if nd == 2 else []), HIDDEN]
     return _finish(K, axes, f"{type(model).__name__}.{submodule}")
 
@@ -329,6 +350,12 @@ def hidden_ntk(
         A :class:`RecurrentNTK`; ``K.state_shape`` and ``K.axes`` name the state axes, e.g.
         ``(50, 15, 64)`` and ``("time", "batch", "hidden")`` for the paper's GRU; a
         bidirectional layer adds ``"direction"`` before ``"hidden"``.
+
+    Cost: one JVP (or VJP) pushes a probe through the whole unrolled sequence, about the price
+    of one forward (backward) pass over all T steps, batched over a chunk of probes.  With
+    ``D = T·B·H`` usually far above P, the JVP side (probes in R^P) is the one-sided method of
+    choice, as in the paper's GRU experiments (Hazelden 2025, Figs. 2–3); the exact kernel
+    needs ``min(D, P)`` passes.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}; use step_ntk for step functions")

@@ -323,13 +323,20 @@ def structure(
         method: ``"jvp"`` (one forward pass per probe, every block from the same passes),
             ``"vjp"`` (one reverse pass per probe per block) or ``"exact"``.
         num_probes: probes m (per block for ``"vjp"``); the U-statistics need m ≥ 3.
-        seed, probes, chunk_size: as for :func:`ntkscope.trace` (default probes: Rademacher).
+        seed: probe seed, as for :func:`ntkscope.trace`.
+        probes: probe distribution, as for :func:`ntkscope.trace` (default: Rademacher).
+        chunk_size: probes per vectorised batch, as for :func:`ntkscope.trace`.
         pairs: also estimate the off-diagonal block norms ``‖K_gh‖_F²`` (a G × G grid; needs
             G ≤ :data:`MAX_PAIR_BLOCKS`); else only ``‖K_gg‖_F²``.
         cross: also estimate the block cross traces ``tr K_gh`` (G × G).
 
     Returns:
         A :class:`Structure`; every entry carries a jackknife standard error and the pass counts.
+
+    Cost: ``num_probes`` JVPs for ``"jvp"`` (every block from the same passes),
+    ``G·num_probes`` VJPs for ``"vjp"`` (probes placed in each of the G blocks), ``min(D, P)``
+    passes for ``"exact"``.  Block traces are unbiased means; block norms unbiased
+    U-statistics; ratios biased ``O(1/m)`` (see the module docstring for the estimators).
     """
     t0 = time.perf_counter()
     if not isinstance(K, FactoredKernel):

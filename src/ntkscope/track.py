@@ -19,35 +19,44 @@ assumes: ``kernel_alignment`` near 1 throughout means lazy, a falling one means 
 (Measured on ``builtin:gru-flipflop``, 100 SGD steps at lr 0.05: K_100·K_0 = 1.000, 0.999 and
 0.984 for scales 0.5, 1 and 2 — all nearly lazy; 200 Adam steps at lr 0.01 bring it to ≈ 0.18.)
 
-Reproducibility and resuming.  Probes at step ``s`` use the seed ``seed + s``; the estimation
-method is resolved once (``"auto"`` measures pass times, which would make rows depend on the
-machine's load) and stored.  After each recorded step a checkpoint (model, optimizer, RNG state,
-``K_0``'s parameters, configuration) is written atomically, *then* the CSV row is written and
-flushed.  ``resume=True`` truncates a half-written last line, loads the checkpoint and, if the
-checkpoint is one row ahead of the CSV (interrupted between the two writes), writes that row
-first; the rows then equal those of an uninterrupted run.
+Reproducibility and resuming.  :func:`track` is a front end over :class:`ntkscope.Monitor`
+(which records the rows) with its own full-batch training loop for the built-in models and
+``--model`` factories.  Probes at step ``s`` use the seed ``seed + s``; the estimation method is
+resolved once (``"auto"`` measures pass times, which would make rows depend on the machine's
+load) and stored.  Before each recorded step a checkpoint (model, optimizer, RNG state, the
+Monitor's state with ``K_0``'s parameters, configuration) is written atomically, *then* the row
+is measured and written to the CSV (flushed).  ``resume=True`` loads the checkpoint, keeps the
+CSV rows up to the checkpoint's last row (a half-written last line or a row written after the
+checkpoint is dropped) and records from the checkpoint's step on; the rows then equal those of an
+uninterrupted run.  A new run refuses to replace an existing CSV unless ``overwrite=True``.
+
+The training loop is kept separate from the measurement (:func:`_train_step`, :func:`_loss`), so
+that a reparametrised training form (such as an α-scaled model) can be added as an option of the
+loop without touching the Monitor.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .demo import Spec, evaluate_loss, make_optimizer, train_step
+from .monitor import CSVLogger, Monitor, _analysis_mode, columns, make_logger, read_rows
 
-__all__ = ["TRACK_METRICS", "COLUMNS", "track", "read_rows", "checkpoint_path"]
+__all__ = ["TRACK_METRICS", "COLUMNS", "track", "read_rows", "checkpoint_path", "SettingsMismatchError"]
 
 TRACK_METRICS = ("trace", "effective_rank", "kernel_alignment", "target_alignment")
-COLUMNS = ["step", "loss"] + [c for m in TRACK_METRICS for c in (m, f"{m}_stderr")] + ["method", "passes", "seconds"]
+COLUMNS = columns(TRACK_METRICS)
+
+
+class SettingsMismatchError(ValueError):
+    """``resume=True`` with settings other than the interrupted run's (a usage error)."""
 
 
 def checkpoint_path(csv_path: str | Path) -> Path:
@@ -56,83 +65,49 @@ def checkpoint_path(csv_path: str | Path) -> Path:
     return p.with_name(p.name + ".ckpt.pt")
 
 
-def _parse(row: dict[str, str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in row.items():
-        if k in ("step", "passes"):
-            out[k] = int(v)
-        elif k == "method":
-            out[k] = v
-        else:
-            out[k] = float(v) if v != "" else math.nan
-    return out
-
-
-def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a track CSV as dicts of numbers (a half-written last line is ignored)."""
-    text = Path(path).read_text()
-    if text and not text.endswith("\n"):
-        text = text[: text.rfind("\n") + 1]
-    return [_parse(r) for r in csv.DictReader(io.StringIO(text))]
-
-
-def _truncate_partial(path: Path) -> None:
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with open(path, "r+b") as f:
-            f.truncate(data.rfind(b"\n") + 1)
-
-
 def _save_atomic(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)  # a checkpoint is either the old one or the new one, never half of each
 
 
-def _row(spec: Spec, init: dict[str, torch.Tensor], step: int, method: str, num_probes: int, seed: int) -> dict[str, Any]:
-    import ntkscope as nk
+class _JSONLLogger:
+    """Rows as JSON lines beside the CSV, resumable like it."""
 
-    t0 = time.perf_counter()
-    was_training = spec.model.training
-    spec.model.eval()
-    try:
-        with torch.no_grad():
-            loss = evaluate_loss(spec)
-        snap = {n: p.detach().clone() for n, p in spec.model.named_parameters() if p.requires_grad}
-        Kt = nk.NTK(spec.model, spec.inputs, output=spec.output, params=snap)
-        K0 = nk.NTK(spec.model, spec.inputs, output=spec.output, params=init)
-        kw: dict[str, Any] = {"method": method, "num_probes": num_probes, "seed": seed + step}
-        ests = {
-            "trace": nk.trace(Kt, **kw),
-            "effective_rank": nk.effective_rank(Kt, **kw),
-            "kernel_alignment": nk.alignment(Kt, K0, **kw),
-            "target_alignment": nk.target_alignment(Kt, spec.targets, **kw),
-        }
-    finally:
-        spec.model.train(was_training)
-    row: dict[str, Any] = {"step": step, "loss": loss}
-    for m, e in ests.items():
-        row[m] = e.value
-        row[f"{m}_stderr"] = e.stderr if e.stderr is not None else 0.0
-    row["method"] = method
-    row["passes"] = sum(e.passes for e in ests.values())
-    row["seconds"] = time.perf_counter() - t0
-    return row
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._resume_after: int | None = None
+        self._file: Any = None
+
+    def resume(self, last_step: int | None) -> None:
+        self._resume_after = -1 if last_step is None else last_step
+
+    def log(self, step: int, row: Mapping[str, Any]) -> None:
+        if self._file is None:
+            kept = ""
+            if self._resume_after is not None and self.path.is_file():
+                for line in self.path.read_text().splitlines(keepends=True):
+                    if line.endswith("\n") and json.loads(line)["step"] <= self._resume_after:
+                        kept += line
+            self.path.write_text(kept)
+            self._file = open(self.path, "a")
+        self._file.write(json.dumps(dict(row)) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
-def _resolve_method(spec: Spec, method: str, num_probes: int, seed: int) -> str:
-    """``auto`` resolved once, on the kernel at initialisation, for all rows."""
-    if method != "auto":
-        return method
-    import ntkscope as nk
-
-    K = nk.NTK(spec.model, spec.inputs, output=spec.output)
-    chosen = nk.effective_rank(K, method="auto", num_probes=num_probes, seed=seed).method
-    return chosen if chosen in ("exact", "hutchinson", "hutchpp", "xtrace", "vjp", "jvp") else "vjp"
+def _loss(spec: Spec) -> float:
+    """The training loss at the current parameters, in eval mode (modes restored), no update."""
+    with _analysis_mode(spec.model), torch.no_grad():
+        return evaluate_loss(spec)
 
 
-def _config(**kw: Any) -> dict[str, Any]:
-    return {k: v for k, v in kw.items()}
+def _train_step(spec: Spec, opt: torch.optim.Optimizer) -> None:
+    train_step(spec, opt)
 
 
 def track(
@@ -148,15 +123,19 @@ def track(
     num_probes: int = 32,
     seed: int = 0,
     resume: bool = False,
+    overwrite: bool = False,
     jsonl: bool = False,
+    loggers: Sequence[Any] = (),
     on_row: Callable[[dict[str, Any]], None] | None = None,
     on_step: Callable[[int], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``spec.model`` for ``steps`` full-batch steps, recording NTK metrics every ``every``.
 
-    Rows go to the CSV ``out`` (and ``out`` with suffix ``.jsonl`` if ``jsonl``), one per recorded
-    step, flushed as written.  Returns every row of the file (old ones too when resuming).  The
-    model is trained in place (that is the point); its NTK is measured in eval mode.
+    Rows go to the CSV ``out`` (and ``out`` with suffix ``.jsonl`` if ``jsonl``; and to every
+    extra ``loggers`` entry, as for :class:`~ntkscope.Monitor`: ``"tensorboard"`` writes to the
+    directory ``out`` without its suffix), one per recorded step, flushed as written.  Returns
+    every row (old ones too when resuming).  The model is trained in place (that is the point);
+    its NTK is measured in eval mode.
     """
     if spec.targets is None:
         raise ValueError("tracking needs targets: return (model, inputs, targets) from the factory")
@@ -167,94 +146,91 @@ def track(
     out = Path(out)
     ckpt_path = checkpoint_path(out)
     jsonl_path = out.with_suffix(".jsonl") if jsonl else None
-    config = _config(
-        steps=steps,
-        every=every,
-        optimizer=optimizer,
-        lr=lr,
-        init_scale=init_scale,
-        num_probes=num_probes,
-        seed=seed,
-        model=spec.name,
-    )
+    config = {
+        "steps": steps,
+        "every": every,
+        "optimizer": optimizer,
+        "lr": lr,
+        "init_scale": init_scale,
+        "num_probes": num_probes,
+        "seed": seed,
+        "model": spec.name,
+    }
     opt = make_optimizer(spec.model, optimizer, lr)
-    rows: list[dict[str, Any]] = []
+    state: dict[str, Any] | None = None
     if resume:
         if not ckpt_path.is_file() or not out.is_file():
             raise FileNotFoundError(f"nothing to resume: {out} or its checkpoint {ckpt_path.name} is missing")
         state = torch.load(ckpt_path, weights_only=True)
-        diff = {k: (state["config"].get(k), v) for k, v in config.items() if k != "steps" and state["config"].get(k) != v}
+        saved = state["config"]
+        diff = {k: (saved.get(k), v) for k, v in config.items() if k != "steps" and saved.get(k) != v}
         if diff:
-            raise ValueError(f"--resume with different settings than the interrupted run: {diff}")
+            detail = ", ".join(f"{k}: interrupted run {a!r}, now {b!r}" for k, (a, b) in diff.items())
+            raise SettingsMismatchError(f"--resume with different settings than the interrupted run ({detail})")
         spec.model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
-        init, method_used, step = state["init"], state["method"], state["step"]
-        _truncate_partial(out)
-        rows = read_rows(out)
-        if jsonl_path is not None and jsonl_path.is_file():
-            _truncate_partial(jsonl_path)
-        pending = not rows or rows[-1]["step"] < step  # checkpoint written, row not yet
+        step = int(state["step"])
     else:
+        if out.exists() and out.stat().st_size > 0 and not overwrite:
+            raise FileExistsError(f"{out} already exists: pass resume=True to continue it or overwrite=True to replace it")
         with torch.no_grad():
             for p in spec.model.parameters():
                 p.mul_(init_scale)
-        init = {n: p.detach().clone() for n, p in spec.model.named_parameters() if p.requires_grad}
-        method_used = _resolve_method(spec, method, num_probes, seed)
-        step, pending = 0, True
-        out.write_text(",".join(COLUMNS) + "\n")
-        if jsonl_path is not None:
-            jsonl_path.write_text("")
+        step = 0
 
-    with open(out, "a", newline="") as f, open(jsonl_path, "a") if jsonl_path else _null() as fj:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+    logs: list[Any] = [CSVLogger(out, overwrite=True)]
+    if jsonl_path is not None:
+        logs.append(_JSONLLogger(jsonl_path))
+    logs += [make_logger(lg, out) for lg in loggers]
+    if on_row is not None:
+        logs.append(lambda s, row: on_row(row))
+    monitor = Monitor(
+        spec.model,
+        spec.inputs,
+        targets=spec.targets,
+        output=spec.output,
+        metrics=TRACK_METRICS,
+        every=every,
+        num_probes=num_probes,
+        method=str(state["monitor"]["method"]) if state is not None else method,
+        seed=seed,
+        loggers=logs,
+    )
+    from . import distributed
 
-        def record(s: int) -> None:
-            row = _row(spec, init, s, method_used, num_probes, seed)
-            writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
-            f.flush()
-            if fj is not None:
-                fj.write(json.dumps(row) + "\n")
-                fj.flush()
-            rows.append(row)
-            if on_row:
-                on_row(row)
+    monitor.probe_parallel = distributed.is_initialized()  # under torchrun every rank records together
+    if state is not None:
+        monitor.load_state_dict(state["monitor"])
 
-        def checkpoint(s: int) -> None:
-            _save_atomic(
-                {
-                    "step": s,
-                    "model": spec.model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "rng": torch.get_rng_state(),
-                    "init": init,
-                    "method": method_used,
-                    "config": config,
-                },
-                ckpt_path,
-            )
+    def checkpoint(s: int) -> None:
+        _save_atomic(
+            {
+                "step": s,
+                "model": spec.model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "rng": torch.get_rng_state(),
+                "monitor": monitor.state_dict(),
+                "config": config,
+            },
+            ckpt_path,
+        )
 
-        if pending:
-            if not resume:
-                checkpoint(step)
-            record(step)
+    try:
+        if state is None:
+            checkpoint(step)
+        monitor.record(step, loss=_loss(spec))  # the checkpoint's step: not yet in its rows
         while step < steps:
-            train_step(spec, opt)
+            _train_step(spec, opt)
             step += 1
             if on_step:
                 on_step(step)
             if step % every == 0 or step == steps:
                 checkpoint(step)
-                record(step)
-    return rows
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: Any) -> None:
-        return None
+                monitor.record(step, loss=_loss(spec))
+    finally:
+        monitor.close()
+    return monitor.rows
 
 
 def iter_metric(rows: list[dict[str, Any]], metric: str) -> Iterator[tuple[int, float, float]]:
