@@ -85,10 +85,11 @@ def median_time(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1) -> flo
     return statistics.median(ts)
 
 
-def gemm_gflops(n: int = 1024, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+def gemm_gflops(n: int = 1024, repeats: int = 5, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> float:
     """This machine's matrix-multiply throughput now (GFLOP/s, median over repeats)."""
-    A, B = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    t = median_time(lambda: A @ B, repeats, warmup=2)
+    A, B = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    t = median_time(lambda: (A @ B, sync()), repeats, warmup=2)
     return 2 * n**3 / t / 1e9
 
 

@@ -90,11 +90,23 @@ def test_cells_in_a_loop(cell: nn.Module) -> None:
     _check(*_pair(_Loop(cell.to(DT)), torch.randn(5, 2, 3, dtype=DT)))
 
 
+@pytest.fixture
+def linear_rule():  # type: ignore[no-untyped-def]
+    """The opt-in nn.Linear rule, registered for one test."""
+    rules.register_rule(nn.Linear, rules.linear_forward)
+    yield
+    rules.unregister_rule(nn.Linear)
+
+
 @pytest.mark.parametrize("shape", [(9, 5), (2, 4, 5), (5,)])
-def test_linear_any_leading_shape(shape: tuple[int, ...]) -> None:
+def test_linear_any_leading_shape(shape: tuple[int, ...], linear_rule: None) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4, bias=False), nn.ReLU(), nn.Linear(4, 3)).to(DT)
     _check(*_pair(model, torch.randn(*shape, dtype=DT)))
+
+
+def test_linear_runs_natively_by_default() -> None:
+    assert rules.rule_names(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))) == []
 
 
 class _Composed(nn.Module):
@@ -116,6 +128,14 @@ class _Composed(nn.Module):
 
 
 def test_composed_model_as_written() -> None:
+    torch.manual_seed(0)
+    model = _Composed().to(DT)
+    Kr, Kg = _pair(model, torch.randn(3, 6, 3, dtype=DT), output=0)
+    assert Kr.rules == ["rnn: GRU"]
+    _check(Kr, Kg)
+
+
+def test_composed_model_with_linear_rules(linear_rule: None) -> None:
     torch.manual_seed(0)
     model = _Composed().to(DT)
     Kr, Kg = _pair(model, torch.randn(3, 6, 3, dtype=DT), output=0)
@@ -157,12 +177,12 @@ def test_estimates_equal_and_model_untouched() -> None:
 def test_live_parameters_and_inputs() -> None:
     """Training in place (or editing the inputs) changes the operator: nothing is cached."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DT)
-    x = torch.randn(5, 3, dtype=DT)
-    Kr, Kg = _pair(model, x)
+    model = nn.GRU(3, 4).to(DT)
+    x = torch.randn(5, 2, 3, dtype=DT)
+    Kr, Kg = _pair(model, x, output=0)
     _check(Kr, Kg)
     with torch.no_grad():
-        model[0].weight.mul_(1.5)
+        model.weight_hh_l0.mul_(1.5)
         x.add_(0.25)
     _check(Kr, Kg)
 
@@ -241,7 +261,7 @@ def test_probe_block_not_modified(m: int) -> None:
 def test_sqnorms_equal_generic(side: str) -> None:
     torch.manual_seed(0)
     for model, x, out in [
-        (nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 4)).to(DT), torch.randn(9, 5, dtype=DT), None),
+        (nn.LSTM(5, 6).to(DT), torch.randn(9, 2, 5, dtype=DT), 0),
         (nn.GRU(3, 5).to(DT), torch.randn(6, 4, 3, dtype=DT), 0),
     ]:
         Kr, Kg = _pair(model, x, output=out)
@@ -258,3 +278,19 @@ def test_chunk_size_follows_memory() -> None:
     K = nk.NTK(nn.GRU(10, 64), torch.randn(50, 15, 10), output=0)
     assert K.chunk_size > 10  # a memory budget, not a fixed small number
     assert nk.NTK(nn.GRU(10, 64), torch.randn(50, 15, 10), output=0, chunk_size=7).chunk_size == 7
+
+
+def test_embedding_padding_row_has_one_jacobian() -> None:
+    """PyTorch's backward never updates an Embedding's padding row; the JVP must not move it
+    either, or J·u and Jᵀ·v describe different Jacobians (found on Hugging Face BERT)."""
+    from ntkscope import exact as ex
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(7, 4, padding_idx=0), nn.Tanh(), nn.Linear(4, 2)).to(DT)
+    ids = torch.tensor([[0, 3, 5], [2, 0, 0]])
+    K = nk.NTK(model, ids)
+    Jf, Jr = ex.jacobian(K, "jvp"), ex.jacobian(K, "vjp")
+    assert _rel(Jf, Jr) < 1e-12
+    assert float(Jf[:, :4].abs().max()) == float(Jr[:, :4].abs().max()) == 0.0  # the padding row is not trained
+    assert float(Jf[:, 4:28].abs().max()) > 0
+    assert type(model[0]) is nn.Embedding

@@ -343,7 +343,7 @@ class NTK(FactoredKernel):
         self.output = output
         names, primals, fixed = _select_params(model, params)
         buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-        module = _analysis_module(model)
+        module = _rules.analysis_copy(_analysis_module(model))
         args, kwargs = _split_inputs(inputs)
         self.param_names = names
 
@@ -493,8 +493,9 @@ class NTK(FactoredKernel):
         (which they report) count instead of the saved activations of the modules they replace.
         The same chunk serves both modes.  Budget: :func:`chunk_budget_bytes`.
         """
-        per_probe = self.dtype.itemsize * (self.dim + self.num_params + _saved_numel(fn, self.primals, rules)) * 2
-        return max(1, min(_MAX_AUTO_CHUNK, chunk_budget_bytes(self.device) // per_probe))
+        saved, cap = _saved_numel(fn, self.primals, rules)
+        per_probe = self.dtype.itemsize * (self.dim + self.num_params + saved) * 2
+        return max(1, min(_MAX_AUTO_CHUNK, cap, chunk_budget_bytes(self.device) // per_probe))
 
     def _f(self, *tensors: torch.Tensor) -> torch.Tensor:
         return self._fn_raw(*tensors).reshape(-1)
@@ -590,9 +591,10 @@ class _DenseFactor(FactoredKernel):
 # helpers for NTK
 
 
-def _saved_numel(fn: Callable[..., torch.Tensor], primals: Sequence[torch.Tensor], rules: bool = False) -> int:
-    """Numbers the forward of ``fn`` saves for backward (activations), parameters excluded; with
-    ``rules``, plus the per-probe working set the rules report (:mod:`ntkscope.rules`)."""
+def _saved_numel(fn: Callable[..., torch.Tensor], primals: Sequence[torch.Tensor], rules: bool = False) -> tuple[int, int]:
+    """Numbers the forward of ``fn`` saves for backward (activations), parameters excluded, and
+    a cap on the probes per chunk; with ``rules``, plus the per-probe working set and the cap
+    the rules report (:mod:`ntkscope.rules`)."""
     seen = {p.data_ptr() for p in primals}
     total = 0
 
@@ -612,8 +614,10 @@ def _saved_numel(fn: Callable[..., torch.Tensor], primals: Sequence[torch.Tensor
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 fn(*(p.detach().requires_grad_() for p in primals))
     except Exception:  # a measurement only: fall back to D + P
-        return 0
-    return total + (ruled[0] if rules else 0)
+        return 0, _MAX_AUTO_CHUNK
+    if not rules:
+        return total, _MAX_AUTO_CHUNK
+    return total + ruled[0], ruled[1]
 
 
 def _select_params(

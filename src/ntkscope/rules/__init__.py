@@ -10,7 +10,6 @@ own code, batched by ``torch.func``.  Modules without a rule run as written.
 ========================================  ===================================================
 module                                    rule
 ========================================  ===================================================
-``nn.Linear``                             :class:`~ntkscope.rules.dense.LinearOp`
 ``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM``     one :class:`~ntkscope.rules.recurrent.RecurrenceOp`
                                           per layer and direction (any ``num_layers``,
                                           bidirectional, either batch layout, with or without
@@ -22,9 +21,12 @@ layers, ``scaled_dot_product_attention``  kernels, which have no forward-mode ru
                                           replaced by plain matrix products during analysis
 ========================================  ===================================================
 
-Element-wise activations, ``nn.Conv1d``/``nn.Conv2d``, ``nn.Embedding`` and ``nn.LayerNorm``
-need no rule: ``torch.func`` already batches them as single large kernels (a convolution with
-per-probe weights becomes one grouped convolution).
+``nn.Linear``, element-wise activations, ``nn.Conv1d``/``nn.Conv2d``, ``nn.Embedding`` and
+``nn.LayerNorm`` need no rule: ``torch.func`` already batches each of them as single large
+kernels (a linear layer's probe block becomes one GEMM, a convolution with per-probe weights one
+grouped convolution).  :class:`~ntkscope.rules.dense.LinearOp` is a hand-written rule for
+``nn.Linear`` that measured no faster than that on MLPs (and slower on the JVP side), so it is
+not registered by default: ``register_rule(nn.Linear, linear_forward)`` turns it on.
 
 Adding a rule: write a :class:`~ntkscope.rules.core.BatchedOp` (``primal``, ``tangent``,
 ``adjoint`` on probe-major blocks) and a forward that calls it, then
@@ -48,7 +50,18 @@ from .core import BatchedOp, RuleUnsupported, measure_probe_numel
 from .dense import LINEAR
 from .recurrent import cell_forward, rnn_forward, supports_rnn
 
-__all__ = ["BatchedOp", "RuleUnsupported", "register_rule", "substitute", "math_attention", "rule_names", "measure_probe_numel"]
+__all__ = [
+    "BatchedOp",
+    "RuleUnsupported",
+    "register_rule",
+    "unregister_rule",
+    "substitute",
+    "math_attention",
+    "rule_names",
+    "measure_probe_numel",
+    "linear_forward",
+    "analysis_copy",
+]
 
 Forward = Callable[..., Any]
 
@@ -62,35 +75,36 @@ def register_rule(cls: type, forward: Forward, applies: Callable[[nn.Module], bo
     _RULES[cls] = (forward, applies or (lambda m: True))
 
 
-def _linear_forward(module: nn.Linear, original: Forward, input: Any) -> Any:
+def linear_forward(module: nn.Linear, original: Forward, input: Any) -> Any:
+    """``nn.Linear`` through :class:`~ntkscope.rules.dense.LinearOp` (opt-in, see above)."""
     if not isinstance(input, torch.Tensor) or input.dim() == 0:
         return original(input)
     return LINEAR(input, module.weight, module.bias)
 
 
-register_rule(nn.Linear, _linear_forward)
 for _rnn in (nn.RNN, nn.GRU, nn.LSTM):
     register_rule(_rnn, rnn_forward, supports_rnn)
 for _cell in (nn.RNNCell, nn.GRUCell, nn.LSTMCell):
     register_rule(_cell, cell_forward)
 
 
+def unregister_rule(cls: type) -> None:
+    """Stop evaluating ``cls`` with a rule (its modules run as written)."""
+    _RULES.pop(cls, None)
+    for key in [k for k in _SUBCLASSES if k[0] is cls]:
+        _SUBCLASSES.pop(key)
+
+
 def _rule_for(module: nn.Module) -> tuple[type, Forward] | None:
-    for cls in type(module).__mro__:
-        if cls in _RULES:
-            forward, applies = _RULES[cls]
-            # a subclass with its own forward computes something else: leave it alone
-            if type(module).forward is not cls.forward or not applies(module):  # type: ignore[attr-defined]
-                return None
-            return cls, forward
-    return None
+    # a subclass with its own forward computes something else: it is left alone
+    return _find(_RULES, module)
 
 
-_SUBCLASSES: dict[type, type] = {}
+_SUBCLASSES: dict[tuple[type, Forward], type] = {}
 
 
 def _ruled_class(cls: type, forward: Forward) -> type:
-    key = cls
+    key = (cls, forward)
     if key not in _SUBCLASSES:
 
         def ruled(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -123,6 +137,50 @@ def substitute(model: nn.Module) -> tuple[nn.Module | None, list[str]]:
         if found is not None:
             m.__class__ = _ruled_class(type(m), found[1])
     return clone, names
+
+
+def _embedding_forward(module: nn.Embedding, original: Forward, input: Any) -> Any:
+    # PyTorch never trains the padding row (embedding's backward skips it), so its tangent is
+    # dropped too: J·u and Jᵀ·v then describe the same Jacobian
+    p = module.padding_idx
+    assert p is not None
+    w = module.weight
+    w = torch.cat([w[:p], w[p : p + 1].detach(), w[p + 1 :]])
+    return torch.nn.functional.embedding(input, w, p, module.max_norm, module.norm_type, module.scale_grad_by_freq, module.sparse)
+
+
+#: rules that change what is computed, not how fast: applied on every path (see analysis_copy)
+_SEMANTIC: dict[type, tuple[Forward, Callable[[nn.Module], bool]]] = {
+    nn.Embedding: (_embedding_forward, lambda m: getattr(m, "padding_idx", None) is not None and getattr(m, "max_norm", None) is None),
+}
+
+
+def analysis_copy(model: nn.Module) -> nn.Module:
+    """``model``, or a copy sharing its tensors in which modules whose reverse mode PyTorch
+    defines differently from their derivative are made consistent: ``nn.Embedding`` with a
+    ``padding_idx`` (whose row PyTorch's backward never updates) drops that row's tangent too.
+    Every evaluation path uses it, so JVP- and VJP-based estimates agree."""
+    if not any(_find(_SEMANTIC, m) for m in model.modules()):
+        return model
+    memo: dict[int, Any] = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    clone = copy.deepcopy(model, memo)
+    for m in clone.modules():
+        found = _find(_SEMANTIC, m)
+        if found is not None:
+            m.__class__ = _ruled_class(type(m), found[1])
+    return clone
+
+
+def _find(table: dict[type, tuple[Forward, Callable[[nn.Module], bool]]], module: nn.Module) -> tuple[type, Forward] | None:
+    for cls in type(module).__mro__:
+        if cls in table:
+            forward, applies = table[cls]
+            if type(module).forward is not cls.forward or not applies(module):  # type: ignore[attr-defined]
+                return None
+            return cls, forward
+        if getattr(cls, "_ntkscope_rule", False):  # already substituted
+            return None
+    return None
 
 
 @contextlib.contextmanager

@@ -34,12 +34,16 @@ __all__ = ["BatchedOp", "RuleUnsupported", "measure_probe_numel"]
 
 _MEASURE: list[list[int]] = []  # open measurements of the rules' per-probe working set
 
+#: no cap on the probes per chunk (see :meth:`BatchedOp.probe_cap`)
+NO_CAP = 1 << 30
+
 
 @contextlib.contextmanager
 def measure_probe_numel() -> Iterator[list[int]]:
-    """Sum, into the yielded ``[n]``, the numbers per probe that the rules applied inside keep
-    alive (their tangent/adjoint blocks): the NTK sizes its probe chunks from it."""
-    box = [0]
+    """Sum, into ``box[0]`` of the yielded ``box``, the numbers per probe that the rules applied
+    inside keep alive (their tangent/adjoint blocks), and keep in ``box[1]`` the smallest
+    :meth:`BatchedOp.probe_cap`: the NTK sizes its probe chunks from both."""
+    box = [0, NO_CAP]
     _MEASURE.append(box)
     try:
         yield box
@@ -104,13 +108,19 @@ class BatchedOp:
         output, twice)."""
         return 2 * (sum(x.numel() for x in inputs if x is not None) + sum(o.numel() for o in outputs))
 
+    def probe_cap(self, inputs: Sequence[torch.Tensor | None]) -> int:
+        """Most probes per chunk worth evaluating together (default: no cap).  Step-by-step rules
+        cap it so that one step's probe block stays in cache."""
+        return NO_CAP
+
     def __call__(self, *inputs: torch.Tensor | None) -> Any:
         saved = _Saved()
         out = _Primal.apply(self, saved, *inputs)
         if _MEASURE:
-            n = self.probe_numel(inputs, out)
+            n, cap = self.probe_numel(inputs, out), self.probe_cap(inputs)
             for box in _MEASURE:
                 box[0] += n
+                box[1] = min(box[1], cap)
         return out[0] if self._single else out
 
     _single = True  # one output (returned bare) or several (a tuple)

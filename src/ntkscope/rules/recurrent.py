@@ -59,6 +59,14 @@ class RecurrenceOp(BatchedOp):
         # the pre-activation blocks (two for the GRU), the state block, and the weight gradients
         return T * B * Whh.shape[1] * (2 * self.gates + 2) + 2 * sum(w.numel() for w in inputs[3:] if w is not None)
 
+    def probe_cap(self, inputs: Sequence[Opt]) -> int:
+        # one step's pre-activation block (B·m·G·H numbers) within ~1 MB of cache: beyond it the
+        # per-step element-wise work is memory-bound and larger chunks run slower, not faster
+        x, Whh = inputs[0], inputs[4]
+        assert x is not None and Whh is not None
+        per_probe = x.shape[1] * self.gates * Whh.shape[1] * x.element_size()
+        return max(8, 1 << max(0, (2**20 // per_probe).bit_length() - 1))
+
     # -- primal --------------------------------------------------------------------------------
 
     def primal(self, *inputs: Opt) -> tuple[Any, Any]:
