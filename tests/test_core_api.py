@@ -100,7 +100,7 @@ def test_same_seed_same_estimate_and_chunk_invariance(method: str) -> None:
         for e in (c, d):
             assert math.isclose(e.value, a.value, rel_tol=1e-12), (chunk, e.value, a.value)
             assert (e.jvp_passes, e.vjp_passes) == (a.jvp_passes, a.vjp_passes)
-    if method != "exact":
+    if method != "exact" and not a.exact:  # (xtrace: 40 passes cover the exact cost, 32, so it is exact)
         assert nk.trace(case.ntk(), method=method, num_probes=20, seed=6).value != a.value
 
 
