@@ -7,6 +7,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
+#: Quantities that are positive for any nonzero kernel: their intervals are taken on the log scale.
+POSITIVE = frozenset({"trace", "frobenius_norm", "frobenius_norm_sq", "effective_rank"})
+
+
 @dataclass
 class Estimate:
     """A number with its standard error and its cost.
@@ -56,7 +60,10 @@ class Estimate:
         """Confidence interval ``value ± q·stderr``: q is Student's t quantile with the
         jackknife's degrees of freedom (``info["dof"]``: probes − 1, or jackknife groups − 1),
         the normal quantile when they are unknown.  At a handful of probes the t quantile is
-        what keeps the interval's coverage near ``level``."""
+        what keeps the interval's coverage near ``level``.  Positive quantities (trace, norms,
+        effective rank) get the interval on the log scale, ``value·exp(±q·stderr/value)``: their
+        estimates are right-skewed (a low estimate comes with a small stderr), which a symmetric
+        interval misses from above."""
         if self.stderr is None:
             return (self.value, self.value)
         dof = self.info.get("dof")
@@ -68,6 +75,9 @@ class Estimate:
             from statistics import NormalDist
 
             q = NormalDist().inv_cdf(0.5 + level / 2)
+        if self.quantity in POSITIVE and self.value > 0 and math.isfinite(self.stderr):
+            r = q * self.stderr / self.value
+            return (self.value * math.exp(-r), self.value * math.exp(r))
         return (self.value - q * self.stderr, self.value + q * self.stderr)
 
     def __float__(self) -> float:

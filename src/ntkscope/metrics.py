@@ -321,6 +321,10 @@ def _estimate(
         mvs = sum(a[2] - b[2] for a, b in zip(after, before))
     else:  # K-products requested through the proxies (cached ones included)
         mvs = sum(o.counts()[2] for o in {id(o): o for o in run_ops}.values())
+    total = getattr(est.current_executor(), "total_passes", None)
+    if total is not None:  # probe-parallel: report the job's passes, and this rank's share in info
+        info["rank_passes"] = {"jvp": jvps, "vjp": vjps}
+        jvps, vjps = total(jvps, vjps)
     is_exact = meth is Method.EXACT or (se == 0 and "dof" not in info and "exact" in str(info.get("variants", "")))
     if is_exact and meth is not Method.EXACT:  # the budget covered the exact cost (see info["variants"])
         info["requested_method"] = meth.value
