@@ -60,7 +60,8 @@ class ConvergenceWarning(UserWarning):
 
 def _keys(X: torch.Tensor) -> list[bytes]:
     """One digest per column of ``X`` (its dtype and bytes)."""
-    rows = X.detach().T.contiguous().cpu()
+    # a fresh row-major copy: .contiguous() may keep odd strides on size-1 dimensions, which view() rejects
+    rows = torch.empty((X.shape[1], X.shape[0]), dtype=X.dtype).copy_(X.detach().T)
     raw = rows.view(torch.uint8).numpy()
     tag = str(X.dtype).encode()
     return [hashlib.blake2b(r.tobytes() + tag, digest_size=16).digest() for r in raw]

@@ -6,7 +6,6 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-
 #: Quantities that are positive for any nonzero kernel: their intervals are taken on the log scale.
 POSITIVE = frozenset({"trace", "frobenius_norm", "frobenius_norm_sq", "effective_rank"})
 
