@@ -177,6 +177,7 @@ def drive(
     what: str = "estimate",
     exact: Callable[[], tuple[float, float, Any]] | None = None,
     exact_passes: int | None = None,
+    probe_cost: float | None = None,
 ) -> AdaptiveResult:
     """Run ``run(m) -> (value, stderr, payload)`` at growing m until the tolerance is met.
 
@@ -215,7 +216,12 @@ def drive(
             if affordable < m_next:
                 m_next = affordable
                 reason = f"the pass budget max_passes={max_passes} ran out ({used} passes spent)"
-        if exact is not None and exact_passes is not None and want_tol and (m_next - m) * cost >= exact_passes:
+        if max_passes is not None and probe_cost:
+            # nominal cost: products a cache answered for free (e.g. deflated zero probes) still
+            # cannot make the probe count outgrow the pass budget
+            m_next = min(m_next, max(m, int(max_passes / probe_cost)))
+        nominal = max(cost, probe_cost or 0.0)
+        if exact is not None and exact_passes is not None and want_tol and (m_next - m) * nominal >= exact_passes:
             value, se, payload = exact()
             history.append({"num_probes": 0, "value": value, "stderr": 0.0, "passes": passes(), "tol": tol})
             return AdaptiveResult(value, se, payload, m, True, history, "the exact value cost less than the next round")

@@ -305,6 +305,7 @@ def _estimate(
             what=quantity,
             exact=run_exact if exact_ok else None,
             exact_passes=exact_cost,
+            probe_cost=per_probe,
         )
         value, se, bc, m, converged = res.value, res.stderr, res.payload, res.num_probes, res.converged
         meth = run_method[0]
