@@ -255,7 +255,10 @@ def _estimate(
         meth, reason = choose_method(ops, quantity, m, seed=base, info=info, pilot_ops=run_ops, probes=probe_kind)
         meth, reason = est.agree((meth, reason))  # ranks splitting probes must run the same method
         # auto reads num_probes as an AD-pass budget per kernel: timing and pilot passes count in it
-        spent = est.agree(passes_now()) // len(distinct)
+        # deterministic (same seed, same m, whatever the chunk size or an earlier call's timing
+        # cache): the pilot's passes plus an allowance for the one-off pass timing (≤ 5 per mode)
+        timing = 2 * TIMING_PASSES if meth is not Method.EXACT and any(isinstance(o, NTK) for o in ops) else 0
+        spent = (int(info.get("pilot_passes", 0)) + timing) // len(distinct)
         if meth in ONE_SIDED:
             reused = int(info.get("pilot", {}).get("sketch", 0)) if "pilot_passes" in info else 0
             m = max(2, budget - spent + reused)
@@ -354,6 +357,8 @@ def _estimate(
     )
 
 
+#: Passes ``NTK.pass_seconds`` may spend per AD mode (a warm-up column and up to 4 timed ones).
+TIMING_PASSES = 5
 #: A fixed budget may exceed the exact value's cost by this factor (and by BUDGET_FLOOR passes) at most.
 BUDGET_FACTOR, BUDGET_FLOOR = 100, 10**5
 #: One-sided norms and ratios keep the m one-sided products (m × out_dim numbers): at most this many.
