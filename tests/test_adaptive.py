@@ -15,7 +15,8 @@ from ntkscope.tasks import jacobian_with_spectrum
 
 @pytest.fixture(scope="module")
 def K() -> nk.FactoredKernel:
-    return nk.NTK.from_jacobian(jacobian_with_spectrum(50, 70, torch.arange(1, 51, dtype=torch.float64) ** -1.0))
+    # big enough (exact: 400 passes) that tolerance loops run several rounds before exact is cheaper
+    return nk.NTK.from_jacobian(jacobian_with_spectrum(400, 600, torch.arange(1, 401, dtype=torch.float64) ** -0.5))
 
 
 @pytest.mark.parametrize("method", ["vjp", "jvp", "hutchinson", "hutchpp", "xtrace"])
@@ -23,6 +24,9 @@ def test_trace_meets_rtol(K: nk.FactoredKernel, method: str) -> None:
     exact = ex.exact_trace(K)
     e = nk.trace(K, method=method, seed=0, rtol=0.02)
     assert e.converged is True
+    if e.exact:  # xtrace: the next round would have cost more than the exact value
+        assert method == "xtrace" and e.value == pytest.approx(exact, rel=1e-9)
+        return
     assert e.stderr is not None and e.stderr <= 0.02 * abs(e.value)
     assert abs(e.value - exact) <= 4 * e.stderr + 1e-9 * exact
     assert e.info["adaptive"]["rounds"][-1]["num_probes"] == e.num_probes
@@ -47,8 +51,8 @@ def test_two_sided_hutchinson_reuses_matvecs(K: nk.FactoredKernel) -> None:
 
 @pytest.mark.parametrize("metric", ["frobenius_norm", "effective_rank", "alignment", "target_alignment"])
 def test_ratio_metrics_accept_tolerances(K: nk.FactoredKernel, metric: str) -> None:
-    y = torch.linspace(-1, 1, 50, dtype=torch.float64)
-    K2 = nk.NTK.from_jacobian(jacobian_with_spectrum(50, 70, torch.arange(1, 51, dtype=torch.float64) ** -0.5, seed=1))
+    y = torch.linspace(-1, 1, 400, dtype=torch.float64)
+    K2 = nk.NTK.from_jacobian(jacobian_with_spectrum(400, 600, torch.arange(1, 401, dtype=torch.float64) ** -0.3, seed=1))
     call = {
         "frobenius_norm": lambda **k: nk.frobenius_norm(K, **k),
         "effective_rank": lambda **k: nk.effective_rank(K, **k),
@@ -62,8 +66,8 @@ def test_ratio_metrics_accept_tolerances(K: nk.FactoredKernel, metric: str) -> N
 
 
 def test_atol(K: nk.FactoredKernel) -> None:
-    e = nk.trace(K, method="vjp", seed=0, atol=0.05)
-    assert e.converged and e.stderr <= 0.05
+    e = nk.trace(K, method="vjp", seed=0, atol=0.5)
+    assert e.converged and e.stderr is not None and e.stderr <= 0.5
 
 
 def test_budget_ends_first_warns(K: nk.FactoredKernel) -> None:
@@ -82,11 +86,11 @@ def test_max_passes_alone_spends_the_budget(K: nk.FactoredKernel) -> None:
     assert 150 < e.passes <= 300
 
 
-def test_xtrace_stops_at_its_dimension_limit() -> None:
+def test_xtrace_turns_exact_at_its_dimension_limit() -> None:
+    """A tolerance XTrace cannot meet below the dimension ends in the exact value (it costs less)."""
     K = nk.NTK.from_jacobian(jacobian_with_spectrum(40, 60, torch.arange(1, 41, dtype=torch.float64) ** -0.5))
-    with pytest.warns(ConvergenceWarning, match="probe limit"):
-        e = nk.trace(K, method="xtrace", seed=0, num_probes=4, rtol=1e-12)
-    assert e.num_probes <= 39
+    e = nk.trace(K, method="xtrace", seed=0, num_probes=4, rtol=1e-12)
+    assert e.exact and e.converged is True and e.value == pytest.approx(ex.exact_trace(K), rel=1e-12)
 
 
 def test_exact_and_fixed_budget_flags(K: nk.FactoredKernel) -> None:
@@ -106,7 +110,7 @@ def test_auto_picks_hutchpp_for_low_rank_and_reuses_pilot() -> None:
     assert e.method == "hutchpp"
     assert "spans" in e.info["reason"]
     assert e.info["pilot_passes"] == 12  # ℓ = 60 // 10 columns, a VJP and a JVP each
-    assert e.passes == 2 * (60 // 2) + 12  # auto reads num_probes as an AD-pass budget: 30 K-matvecs
+    assert e.passes == 60  # auto reads num_probes as an AD-pass budget, pilot included: 24 K-matvecs after 12 pilot passes
     assert e.value == pytest.approx(ex.exact_trace(K), rel=1e-9)
 
 
@@ -115,14 +119,15 @@ def test_auto_stays_one_sided_for_a_flat_spectrum() -> None:
     e = nk.trace(K, method="auto", num_probes=60, seed=0)
     assert e.method == "vjp"  # D < P
     assert "flat" in e.info["reason"] and e.info["pilot_passes"] == 12
-    assert e.passes == 60 + 6  # the pilot's 6 VJPs are the one-sided method's first 6 probes
+    assert e.passes == 60  # the budget, pilot included (its 6 VJPs are the one-sided method's first 6 probes)
+    assert e.num_probes == 54
 
 
 def test_auto_pilots_on_the_jvp_side_when_p_is_smaller() -> None:
     K = nk.NTK.from_jacobian(jacobian_with_spectrum(300, 120, torch.linspace(0.5, 1.5, 120, dtype=torch.float64)))
     e = nk.trace(K, method="auto", num_probes=80, seed=0)
     assert e.method == "jvp" and e.info["pilot"]["side"] == "jvp"
-    assert e.jvp_passes == 80 and e.vjp_passes == 8  # pilot JVPs reused, its 8 VJPs extra
+    assert e.jvp_passes == 72 and e.vjp_passes == 8  # pilot JVPs reused, its 8 VJPs inside the 80-pass budget
 
 
 def test_auto_with_tolerance(K: nk.FactoredKernel) -> None:

@@ -89,7 +89,9 @@ def test_same_seed_same_estimate_and_chunk_invariance(method: str) -> None:
     case = Z.gru_loop(torch.float64)
     if method == "auto":  # auto picks by measured pass times; once resolved, the seed fixes the value
         e = nk.trace(case.ntk(), method=method, num_probes=20, seed=5)
-        assert math.isclose(e.value, nk.trace(case.ntk(), method=e.method, num_probes=20, seed=5).value, rel_tol=1e-12)
+        # (auto's timing and pilot passes count inside its 20-pass budget, so it runs fewer probes)
+        again = nk.trace(case.ntk(), method=e.method, num_probes=e.num_probes, seed=5)
+        assert e.passes <= 20 and math.isclose(e.value, again.value, rel_tol=1e-12)
         return
     a = nk.trace(case.ntk(), method=method, num_probes=20, seed=5)
     b = nk.trace(case.ntk(), method=method, num_probes=20, seed=5)
@@ -100,7 +102,7 @@ def test_same_seed_same_estimate_and_chunk_invariance(method: str) -> None:
         for e in (c, d):
             assert math.isclose(e.value, a.value, rel_tol=1e-12), (chunk, e.value, a.value)
             assert (e.jvp_passes, e.vjp_passes) == (a.jvp_passes, a.vjp_passes)
-    if method != "exact":
+    if method != "exact" and not a.exact:  # (xtrace: 40 passes cover the exact cost, 32, so it is exact)
         assert nk.trace(case.ntk(), method=method, num_probes=20, seed=6).value != a.value
 
 

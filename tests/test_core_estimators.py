@@ -120,7 +120,9 @@ def test_estimate_through_ad_equals_dense_jacobian(name: str, dtype: torch.dtype
     for method in TRACE_METHODS:
         a, b = nk.trace(K, method=method, num_probes=m, seed=7), nk.trace(Kd, method=method, num_probes=m, seed=7)
         assert abs(a.value - b.value) <= tol * abs(b.value), method
-        assert abs(a.stderr - b.stderr) <= 10 * tol * abs(b.value) + 1e-12, method  # type: ignore[operator]
+        assert a.exact == b.exact, method  # xtrace turns exact where its budget covers the exact cost
+        if not a.exact:
+            assert abs(a.stderr - b.stderr) <= 10 * tol * abs(b.value) + 1e-12, method  # type: ignore[operator]
         assert (a.jvp_passes, a.vjp_passes) == (b.jvp_passes, b.vjp_passes)
     for method in FRO_METHODS:
         a = nk.frobenius_norm(K, method=method, num_probes=m, seed=7, squared=True)

@@ -46,6 +46,8 @@ __all__ = ["ConvergenceWarning", "CachedFactor", "CachedKernel", "cached", "driv
 
 #: First block when a tolerance is given and ``num_probes`` is not.
 FIRST_BLOCK = 32
+#: The pass budget of a tolerance run when ``max_passes`` is not given.
+DEFAULT_MAX_PASSES = 100_000
 GROWTH_MIN, GROWTH_MAX, SAFETY = 1.5, 4.0, 1.2
 
 
@@ -58,7 +60,8 @@ class ConvergenceWarning(UserWarning):
 
 def _keys(X: torch.Tensor) -> list[bytes]:
     """One digest per column of ``X`` (its dtype and bytes)."""
-    rows = X.detach().T.contiguous().cpu()
+    # a fresh row-major copy: .contiguous() may keep odd strides on size-1 dimensions, which view() rejects
+    rows = torch.empty((X.shape[1], X.shape[0]), dtype=X.dtype).copy_(X.detach().T)
     raw = rows.view(torch.uint8).numpy()
     tag = str(X.dtype).encode()
     return [hashlib.blake2b(r.tobytes() + tag, digest_size=16).digest() for r in raw]
@@ -152,6 +155,11 @@ def check_tolerances(rtol: float | None, atol: float | None, max_passes: int | N
             raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
     if rtol is not None and atol is not None and rtol == 0 and atol == 0:
         raise ValueError("rtol and atol are both 0: no finite budget can meet that tolerance")
+    if not (rtol or atol) and (rtol is not None or atol is not None) and max_passes is None:
+        raise ValueError(
+            "a zero tolerance can never be met by a random estimate: give a positive rtol/atol, a max_passes= budget, "
+            "or use method='exact'"
+        )
     if max_passes is not None and (isinstance(max_passes, bool) or not isinstance(max_passes, int) or max_passes < 1):
         raise ValueError(f"max_passes must be a positive int, got {max_passes!r}")
 
@@ -167,6 +175,9 @@ def drive(
     max_probes: int | None = None,
     max_growth: float = GROWTH_MAX,
     what: str = "estimate",
+    exact: Callable[[], tuple[float, float, Any]] | None = None,
+    exact_passes: int | None = None,
+    probe_cost: float | None = None,
 ) -> AdaptiveResult:
     """Run ``run(m) -> (value, stderr, payload)`` at growing m until the tolerance is met.
 
@@ -174,7 +185,9 @@ def drive(
     ``max_passes``, the whole budget is spent (``converged=None``).  ``max_probes`` caps m where
     the estimator has a dimension limit (XTrace needs fewer probes than the dimension);
     ``max_growth`` caps the growth factor per round (2 — doubling — for Hutch++ and XTrace, whose
-    error can fall faster than 1/√m, so the 1/√m prediction would overshoot).
+    error can fall faster than 1/√m, so the 1/√m prediction would overshoot).  With ``exact``
+    (a function returning the exact value) and its cost ``exact_passes``, a round whose new
+    passes would cost at least as much as the exact value runs ``exact`` instead.
     """
     want_tol = rtol is not None or atol is not None
     m = m0 if max_probes is None else min(m0, max_probes)
@@ -197,12 +210,21 @@ def drive(
         reason = ""
         if max_probes is not None and m_next > max_probes:
             m_next = max_probes
-            reason = f"the probe limit {max_probes} of this method was reached; use method='exact'"
+            reason = f"the probe limit {max_probes} of this method (its dimension or the memory for stored products) was reached; use method='exact'"
         if max_passes is not None:
             affordable = m + int((max_passes - used) / cost)
             if affordable < m_next:
                 m_next = affordable
                 reason = f"the pass budget max_passes={max_passes} ran out ({used} passes spent)"
+        if max_passes is not None and probe_cost:
+            # nominal cost: products a cache answered for free (e.g. deflated zero probes) still
+            # cannot make the probe count outgrow the pass budget
+            m_next = min(m_next, max(m, int(max_passes / probe_cost)))
+        nominal = max(cost, probe_cost or 0.0)
+        if exact is not None and exact_passes is not None and want_tol and (m_next - m) * nominal >= exact_passes:
+            value, se, payload = exact()
+            history.append({"num_probes": 0, "value": value, "stderr": 0.0, "passes": passes(), "tol": tol})
+            return AdaptiveResult(value, se, payload, m, True, history, "the exact value cost less than the next round")
         if m_next <= m:
             converged = False if want_tol else None
             reason = reason or "no further growth possible"

@@ -98,6 +98,8 @@ def _errors() -> Iterator[None]:
         raise _fail(str(e), EXIT_ERROR, e.user_traceback) from None
     except (ValueError, TypeError, RuntimeError, FileNotFoundError) as e:
         raise _fail(f"{type(e).__name__}: {e}".replace("\n", " "), EXIT_ERROR) from None
+    except Exception as e:  # anything else the user's model raised while being analysed
+        raise _fail(f"{type(e).__name__}: {e}".replace("\n", " "), EXIT_ERROR) from None
 
 
 @contextmanager
@@ -162,7 +164,7 @@ def _table(res: dict[str, Any]) -> Table:
             f"{r['rel_error']:.1%}" if ex else "—",
             f"{e['jvp_passes'] + e['vjp_passes']}",
             f"{e['seconds']:.2f}s",
-            f"{r['speedup']:.1f}×" if ex and r.get("speedup") else "—",
+            f"{r['speedup']:.1f}×" if ex and r.get("speedup") and not e.get("exact") else "—",
             e["method"],
         )
     return t
@@ -238,8 +240,15 @@ def estimate(
     ] = "auto",
     num_probes: ProbesOpt = 64,
     seed: SeedOpt = 0,
-    probe_kind: Annotated[str | None, typer.Option(help="Probe distribution: rademacher, gaussian or sphere.")] = None,
-    dtype: Annotated[str, typer.Option(help="Cast model and inputs to this dtype: float32 or float64.")] = "float32",
+    probe_kind: Annotated[
+        str | None,
+        typer.Option(
+            help="Probe distribution: rademacher, gaussian, sphere or orthogonal (orthogonal: trace only; norms and ratios need independent probes)."
+        ),
+    ] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="Cast model and inputs to this dtype (float32 or float64); default: keep the model's own.")
+    ] = None,
     chunk_size: Annotated[int | None, typer.Option(help="Probes per vectorised batch (bounds memory).", min=1)] = None,
     metrics: Annotated[
         str, typer.Option(help="Comma-separated: trace, frobenius_norm, effective_rank, target_alignment (needs targets).")
@@ -265,8 +274,9 @@ def estimate(
     if bad or not names:
         raise _fail(f"unknown metric(s) {bad or metrics!r}; choose from {', '.join(demo.METRICS)}", EXIT_USAGE)
     dtypes = {"float32": torch.float32, "float64": torch.float64}
-    if dtype not in dtypes:
+    if dtype is not None and dtype not in dtypes:
         raise _fail(f"--dtype must be float32 or float64, got {dtype!r}", EXIT_USAGE)
+    _check_estimate_options(method, probe_kind, rtol, names)
     t0 = time.perf_counter()
     with _errors():
         spec = demo.load_spec(model, seed=seed)
@@ -274,12 +284,13 @@ def estimate(
             if metrics != DEFAULT_METRICS:  # asked for explicitly
                 raise _fail("target_alignment needs targets: return (model, inputs, targets) from the factory", EXIT_USAGE)
             names.remove("target_alignment")
-        dt = dtypes[dtype]
-        if spec.model is not None and any(p.is_floating_point() and p.dtype != dt for p in spec.model.parameters()):
-            spec.model.to(dt)
-        spec.inputs = _cast(spec.inputs, dt)
-        if spec.targets is not None and spec.targets.is_floating_point():
-            spec.targets = spec.targets.to(dt)
+        if dtype is not None:  # an explicit override; by default the model keeps its own dtype
+            dt = dtypes[dtype]
+            if spec.model is not None and any(p.is_floating_point() and p.dtype != dt for p in spec.model.parameters()):
+                spec.model.to(dt)
+            spec.inputs = _cast(spec.inputs, dt)
+            if spec.targets is not None and spec.targets.is_floating_point():
+                spec.targets = spec.targets.to(dt)
         kw: dict[str, Any] = {"method": method, "num_probes": num_probes, "seed": seed, "chunk_size": chunk_size}
         if probe_kind is not None:
             kw["probes"] = probe_kind
@@ -290,6 +301,27 @@ def estimate(
     if dist.main:
         extra = {"command": "estimate", "model": model, "seed": seed, "probes": num_probes, "method": method, "dtype": dtype}
         _print_results([res], f"NTK of {spec.name} ({num_probes} probes, seed {seed})", time.perf_counter() - t0, as_json, extra)
+
+
+def _check_estimate_options(method: str, probe_kind: str | None, rtol: float | None, names: list[str]) -> None:
+    """Usage errors in the estimation options: exit 2 before any model is loaded."""
+    from .metrics import Method
+    from .probes import Probe
+
+    methods = [m.value for m in Method]
+    if method not in methods:
+        raise _fail(f"unknown --method {method!r}; choose one of {', '.join(methods)}", EXIT_USAGE)
+    kinds = [p.value for p in Probe]
+    if probe_kind is not None and probe_kind not in kinds:
+        raise _fail(f"unknown --probe-kind {probe_kind!r}; choose one of {', '.join(kinds)}", EXIT_USAGE)
+    if probe_kind == Probe.ORTHOGONAL.value and any(n != "trace" for n in names):
+        others = ", ".join(n for n in names if n != "trace")
+        raise _fail(
+            f"--probe-kind orthogonal estimates the trace only ({others} need independent probes): add --metrics trace",
+            EXIT_USAGE,
+        )
+    if rtol is not None and not (rtol > 0 and rtol < float("inf")):
+        raise _fail(f"--rtol must be a finite number > 0, got {rtol!r}", EXIT_USAGE)
 
 
 def _cast(x: Any, dt: Any) -> Any:
@@ -414,17 +446,31 @@ def track(
 @app.command("plot")
 def plot_cmd(
     csv_file: Annotated[Path, typer.Argument(help="A CSV written by 'ntkscope track'.", exists=True, dir_okay=False)],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="PNG path (default: CSV name with .png).")] = None,
-    metrics: Annotated[str | None, typer.Option(help="Comma-separated columns to plot (default: all tracked).")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="PNG path (default: CSV name with .png; per-metric PNGs beside it).")
+    ] = None,
+    metrics: Annotated[str | None, typer.Option(help="Comma-separated columns to plot in one figure (default: all tracked, plus one PNG each).")] = None,
 ) -> None:
-    """Plot a 'ntkscope track' CSV: each metric over training steps with ± stderr error bars."""
+    """Plot a 'ntkscope track' CSV: one PNG per metric over training steps (± 1 stderr error bars) and one with all of them."""
     from . import plot
 
     with _errors():
         path = out or csv_file.with_suffix(".png")
-        names = [m.strip() for m in metrics.split(",")] if metrics else None
-        plot.training(csv_file, names, title=csv_file.stem, path=path)
-    print(path)
+        try:
+            rows = plot.read_track_csv(csv_file)
+        except plot.NotTrackCSV as e:
+            raise _fail(str(e), EXIT_USAGE) from None
+        if metrics:
+            names = [m.strip() for m in metrics.split(",") if m.strip()]
+            missing = [m for m in names if m not in rows[0]]
+            if missing:
+                raise _fail(f"--metrics {missing} are not columns of {csv_file} ({', '.join(sorted(rows[0]))})", EXIT_USAGE)
+            plot.training(rows, names, title=csv_file.stem, path=path)
+            written = [path]
+        else:
+            written = plot.training_pngs(rows, path, title=csv_file.stem)
+    for w in written:
+        print(w)
 
 
 def main() -> None:

@@ -340,6 +340,13 @@ def evaluate(
     """
     import ntkscope as nk
 
+    if not any(p.requires_grad for p in spec.model.parameters()):
+        # the API's hint ("pass params=") has no command-line counterpart
+        where = spec.name or type(spec.model).__name__
+        raise SpecError(
+            f"{where}: the model has no trainable parameters (none with requires_grad=True), so its NTK is empty; "
+            "return a model with some trainable parameters from the factory"
+        )
     K = nk.NTK(spec.model, spec.inputs, output=spec.output, chunk_size=kw.get("chunk_size"))
     _warm_up(K)
     rows = []

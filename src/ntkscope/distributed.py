@@ -43,11 +43,11 @@ together; replicas split the probes (probe groups are the ranks holding the same
 Building a :class:`ShardedNTK` declares its layout: afterwards the implicit executor uses its
 probe group (none when the data group is the whole world: pure data-parallel).
 
-**Pass counts.**  Every rank reports the passes *it* ran (``Estimate.jvp_passes`` etc. are
-per-rank): with probe-parallel that is about ``1/N`` of the single-process count plus replicated
-work (pilots, exact parts); with data-parallel a pass is one pass over the rank's shard, counted
-once per global probe like a single process.  :func:`job_passes` sums them over ranks (the work
-the whole job did).
+**Pass counts.**  ``Estimate.jvp_passes``/``vjp_passes`` are the job's totals: with
+probe-parallel, the passes of every rank splitting the probes summed (the single-process count,
+plus replicated work such as pilots and exact parts once per rank); the rank's own share is in
+``info["rank_passes"]``.  With data-parallel a pass is one pass over the rank's shard, counted
+once per global probe like a single process.  :func:`job_passes` returns the totals.
 
 **Failures.**  Errors while evaluating probes or shard passes are agreed on collectively: the
 failing rank sends a failure flag in the same collective (no extra round trip on success), every
@@ -327,6 +327,14 @@ class ProbeParallel:
         out = torch.cat([p[:c] for p, c in zip(parts, counts)], 0)
         return out.to(out_dev)
 
+    def total_passes(self, jvp: int, vjp: int) -> tuple[int, int]:
+        """``(jvp, vjp)`` summed over the ranks splitting the probes (collective)."""
+        if self.size == 1:
+            return jvp, vjp
+        t = torch.tensor([jvp, vjp], dtype=torch.int64, device=_comm_device(self.group))
+        dist.all_reduce(t, group=self.group)
+        return int(t[0]), int(t[1])
+
     def agree(self, value: Any) -> Any:
         """Rank 0's ``value`` on every rank (decisions such as ``method="auto"`` must match)."""
         box = [value]
@@ -582,6 +590,8 @@ def job_passes(estimate: Any, group: Group = None) -> dict[str, int]:
     Collective.  ``Estimate`` fields are per-rank; replicated work (pilots, exact parts) is done
     — and so counted — once per rank.
     """
+    if "rank_passes" in getattr(estimate, "info", {}):  # already summed over the probe-splitting ranks
+        return {"jvp_passes": int(estimate.jvp_passes), "vjp_passes": int(estimate.vjp_passes)}
     t = torch.tensor([estimate.jvp_passes, estimate.vjp_passes], dtype=torch.int64)
     if is_initialized():
         t = t.to(_comm_device(group))

@@ -6,6 +6,9 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+#: Quantities that are positive for any nonzero kernel: their intervals are taken on the log scale.
+POSITIVE = frozenset({"trace", "frobenius_norm", "frobenius_norm_sq", "effective_rank"})
+
 
 @dataclass
 class Estimate:
@@ -53,13 +56,28 @@ class Estimate:
         return self.stderr / abs(self.value) if self.value != 0 else math.inf
 
     def ci(self, level: float = 0.95) -> tuple[float, float]:
-        """Normal-approximation confidence interval ``value ± z·stderr``."""
+        """Confidence interval ``value ± q·stderr``: q is Student's t quantile with the
+        jackknife's degrees of freedom (``info["dof"]``: probes − 1, or jackknife groups − 1),
+        the normal quantile when they are unknown.  At a handful of probes the t quantile is
+        what keeps the interval's coverage near ``level``.  Positive quantities (trace, norms,
+        effective rank) get the interval on the log scale, ``value·exp(±q·stderr/value)``: their
+        estimates are right-skewed (a low estimate comes with a small stderr), which a symmetric
+        interval misses from above."""
         if self.stderr is None:
             return (self.value, self.value)
-        from statistics import NormalDist
+        dof = self.info.get("dof")
+        if isinstance(dof, int) and dof >= 1:
+            from scipy.stats import t
 
-        z = NormalDist().inv_cdf(0.5 + level / 2)
-        return (self.value - z * self.stderr, self.value + z * self.stderr)
+            q = float(t.ppf(0.5 + level / 2, dof))
+        else:
+            from statistics import NormalDist
+
+            q = NormalDist().inv_cdf(0.5 + level / 2)
+        if self.quantity in POSITIVE and self.value > 0 and math.isfinite(self.stderr):
+            r = q * self.stderr / self.value
+            return (self.value * math.exp(-r), self.value * math.exp(r))
+        return (self.value - q * self.stderr, self.value + q * self.stderr)
 
     def __float__(self) -> float:
         return self.value

@@ -203,15 +203,22 @@ def xtrace_samples(
     """XTrace (Epperly–Tropp–Webber): m matvecs, ``m // 2`` exchangeable estimates.
 
     Each estimate i is Hutch++ with the sketch of all other test vectors and ω_i as its single
-    residual probe; their mean is the trace estimate and their spread its error estimate.
-    Sphere probes get the paper's "improved" normalisation.  Works for any square matrix.
+    residual probe; their mean is the trace estimate.  Sphere probes get the paper's "improved"
+    normalisation.  Works for any square matrix.
 
     Cost: ``m // 2`` matvecs for the sketch ``Y = AΩ`` and ``m // 2`` for ``AQ`` (2 AD passes
     each for an NTK).  Unbiased (each leave-one-out estimate is).  Its error is close to that of
     Hutch++ with a sketch of ``m // 2`` columns (every test vector serves as sketch and as
-    probe); the error estimate is ``std/√k`` over the k dependent samples, which runs narrower
-    than the real spread (measured coverage of a 95 % interval 0.6–0.8).
+    probe).  The k samples are dependent, so their spread understates the error (a 95 % interval
+    from it covered 0.6–0.8); the metrics report a grouped jackknife of the whole estimator instead.
     """
+    Om, Y, Q, Z = _xtrace_products(matmat, stream, m, dtype, chunk)
+    return _xtrace_core(Om, Y, Q, Z, stream.dim, stream.kind is Probe.SPHERE).cpu()
+
+
+def _xtrace_products(
+    matmat: Callable[[torch.Tensor], torch.Tensor], stream: ProbeStream, m: int, dtype: torch.dtype, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     k = m // 2
     n = stream.dim
     _require_independent(stream, "XTrace")
@@ -220,9 +227,18 @@ def xtrace_samples(
     if k >= n:
         raise ValueError(f"XTrace needs fewer than {2 * n} probes for a {n}×{n} operator; use method='exact'")
     Om = stream.columns(0, k).to(torch.float64)
-    improved = stream.kind is Probe.SPHERE
     Y = _gather_cols(lambda X: matmat(X.to(dtype)), Om, chunk).to(torch.float64)
+    Q, _ = torch.linalg.qr(Y)
+    Z = _gather_cols(lambda X: matmat(X.to(dtype)), Q, chunk).to(torch.float64)
+    return Om, Y, Q, Z
+
+
+def _xtrace_core(Om: torch.Tensor, Y: torch.Tensor, Q0: torch.Tensor, Z0: torch.Tensor, n: int, improved: bool) -> torch.Tensor:
+    """XTrace's k estimates from test vectors Ω, ``Y = AΩ`` and ``Z0 = A Q0`` for any orthonormal
+    Q0 whose range contains Y's (so ``A Q = Z0 Q0ᵀQ`` for Q = orth(Y): no new products)."""
+    k = Om.shape[1]
     Q, R = torch.linalg.qr(Y)
+    Z = Z0 if Q0 is Q else Z0 @ (Q0.T @ Q)
     W = Q.T @ Om
     eye = torch.eye(k, dtype=torch.float64)
     S = eye - torch.linalg.solve_triangular(R, torch.triu(R, 1), upper=True, left=False)
@@ -232,7 +248,6 @@ def xtrace_samples(
             n - _colnorm2(W) + (_diag_prod(S, W).abs() * torch.linalg.vector_norm(S, dim=0)) ** 2
         )
         Om, R, Y, W = Om * scale, R * scale, Y * scale, W * scale
-    Z = _gather_cols(lambda X: matmat(X.to(dtype)), Q, chunk).to(torch.float64)
     H = Q.T @ Z
     HW = H @ W
     T = Z.T @ Om
@@ -244,8 +259,46 @@ def xtrace_samples(
     dWHW = _diag_prod(W, HW)
     dSRmHW = _diag_prod(S, R - HW)
     dTmHRS = _diag_prod(T - H.T @ W, S)
-    ests = torch.trace(H) - dSHS + dOmY - dWR - dTW + dWHW + dSW * dSRmHW + dSW**2 * dSHS + dTmHRS * dSW
-    return ests.cpu()
+    return torch.trace(H) - dSHS + dOmY - dWR - dTW + dWHW + dSW * dSRmHW + dSW**2 * dSHS + dTmHRS * dSW
+
+
+#: Groups of XTrace's grouped jackknife (each leaves out 1/g of the test vectors).
+JACK_GROUPS = 10
+
+
+def _groups(k: int, g: int) -> list[torch.Tensor]:
+    """Keep-masks of a delete-a-group jackknife: g contiguous groups of the k test vectors."""
+    g = max(2, min(g, k))
+    bounds = [round(i * k / g) for i in range(g + 1)]
+    masks = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        keep = torch.ones(k, dtype=torch.bool)
+        keep[a:b] = False
+        masks.append(keep)
+    return masks
+
+
+def xtrace_jackknife(
+    matmat: Callable[[torch.Tensor], torch.Tensor],
+    stream: ProbeStream,
+    m: int,
+    dtype: torch.dtype,
+    chunk: int,
+    groups: int = JACK_GROUPS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """XTrace's estimate and its delete-a-group jackknife replicates, from the same products.
+
+    XTrace's own error estimate (the spread of its exchangeable samples) ignores that the
+    samples share their sketch, and under-covers badly (Epperly et al. call it a rough
+    indicator).  The jackknife recomputes the whole estimator without each group of test
+    vectors; range(AΩ₋g) ⊂ range(AΩ), so no new matvecs are needed.  Returns
+    ``(full (1,), replicates (g, 1))``.
+    """
+    Om, Y, Q, Z = _xtrace_products(matmat, stream, m, dtype, chunk)
+    n, sph = stream.dim, stream.kind is Probe.SPHERE
+    full = _xtrace_core(Om, Y, Q, Z, n, sph).mean()
+    reps = [_xtrace_core(Om[:, keep], Y[:, keep], Q, Z, n, sph).mean() for keep in _groups(Om.shape[1], groups)]
+    return full.reshape(1).cpu(), torch.stack(reps)[:, None].cpu()
 
 
 def xnystrace_samples(
@@ -262,14 +315,54 @@ def xnystrace_samples(
     passes each for an NTK) instead of XTrace's two.  Unbiased for PSD operators (the shift ν
     below is subtracted exactly).
     """
+    Om = _xnys_probes(stream, m)
+    Y = _gather_cols(lambda X: matmat(X.to(dtype)), Om, chunk).to(torch.float64)
+    return _xnys_core(Om, Y, stream.dim, dtype, stream.kind is Probe.SPHERE).cpu()
+
+
+def _xnys_probes(stream: ProbeStream, m: int) -> torch.Tensor:
     n = stream.dim
     _require_independent(stream, "XNysTrace")
     if m < 2:
         raise ValueError(f"XNysTrace needs num_probes >= 2, got {m}")
     if m >= n:
         raise ValueError(f"XNysTrace needs fewer than {n} probes for a {n}×{n} operator; use method='exact'")
-    Om = stream.columns(0, m).to(torch.float64)
-    Y = _gather_cols(lambda X: matmat(X.to(dtype)), Om, chunk).to(torch.float64)
+    return stream.columns(0, m).to(torch.float64)
+
+
+def xnystrace_jackknife(
+    matmat: Callable[[torch.Tensor], torch.Tensor],
+    stream: ProbeStream,
+    m: int,
+    dtype: torch.dtype,
+    chunk: int,
+    powers: Sequence[int] = (1,),
+    groups: int = JACK_GROUPS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """XNysTrace of ``tr A^p`` for each p in ``powers``, all on the *same* probes Ω, with a
+    grouped jackknife.
+
+    ``AΩ, A²Ω, …`` are computed once each (``A^{p}Ω = A·A^{p-1}Ω``: ``m·max(powers)`` matvecs), so
+    the trace and ``‖A‖_F² = tr A²`` share their probes and products.  Each replicate recomputes
+    every component without one group of probes (no new matvecs), so ratios keep their
+    correlation.  Returns ``(full (k,), replicates (g, k))``.
+    """
+    Om = _xnys_probes(stream, m)
+    n, sph = stream.dim, stream.kind is Probe.SPHERE
+    Ys: dict[int, torch.Tensor] = {}
+    X = Om
+    for p in range(1, max(powers) + 1):
+        X = _gather_cols(lambda V: matmat(V.to(dtype)), X, chunk).to(torch.float64)
+        Ys[p] = X
+    full = torch.stack([_xnys_core(Om, Ys[p], n, dtype, sph).mean() for p in powers])
+    reps = torch.stack(
+        [torch.stack([_xnys_core(Om[:, keep], Ys[p][:, keep], n, dtype, sph).mean() for p in powers]) for keep in _groups(m, groups)]
+    )
+    return full.cpu(), reps.cpu()
+
+
+def _xnys_core(Om: torch.Tensor, Y: torch.Tensor, n: int, dtype: torch.dtype, sphere: bool) -> torch.Tensor:
+    m = Om.shape[1]
     # The shift ν makes Ωᵀ(A + νI)Ω numerically positive definite; the estimate is of
     # tr(A + νI) − νn, so any ν > 0 keeps it unbiased.  Epperly et al. use ν = eps‖Y‖_F/√n; that
     # is too small once m exceeds the numerical rank of A (or Y carries float32 rounding), so ν
@@ -291,7 +384,7 @@ def xnystrace_samples(
         raise RuntimeError("XNysTrace: Ωᵀ(A + νI)Ω is not positive definite; is the operator PSD?")
     Q, R = torch.linalg.qr(Y)
     B = torch.linalg.solve_triangular(C, R, upper=True, left=False)  # R C⁻¹
-    if stream.kind is Probe.SPHERE:
+    if sphere:
         QQ, RR = torch.linalg.qr(Om)
         WW = QQ.T @ Om
         SS = torch.eye(m, dtype=torch.float64) - torch.linalg.solve_triangular(RR, torch.triu(RR, 1), upper=True, left=False)
@@ -307,7 +400,7 @@ def xnystrace_samples(
     S = S * Cinv.square().sum(1).rsqrt()
     dSW = _diag_prod(S, W)
     ests = torch.linalg.matrix_norm(B) ** 2 - _colnorm2(S) + dSW**2 * scale - nu * n
-    return ests.cpu()
+    return ests
 
 
 # -- one-sided -------------------------------------------------------------------------------

@@ -138,6 +138,13 @@ class Part:
         return Part(torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts], 1))
 
 
+def dof(parts: Sequence[Part]) -> int | None:
+    """Degrees of freedom of the jackknife error: ``rows − 1`` of the smallest random part
+    (``None`` when every part is exact).  :meth:`Estimate.ci` uses Student's t with them."""
+    rows = [p.loo.shape[0] for p in parts if p.loo is not None]
+    return max(1, min(rows) - 1) if rows else None
+
+
 def combine(parts: Sequence[Part], fn: Callable[[torch.Tensor], torch.Tensor]) -> tuple[float, float, float]:
     """Value, jackknife standard error and bias-corrected value of ``fn(components)``.
 
@@ -221,47 +228,82 @@ def _estimate(
 ) -> Estimate:
     t0 = time.perf_counter()
     adapt.check_tolerances(rtol, atol, max_passes)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int (probes per batch), got {chunk_size!r}")
     adaptive = rtol is not None or atol is not None or max_passes is not None
+    if adaptive and max_passes is None:
+        max_passes = adapt.DEFAULT_MAX_PASSES  # a tolerance alone must not run forever
     first = num_probes if num_probes is not None or not adaptive else adapt.FIRST_BLOCK
     ops, meth, m, base, probe_kind = _prepare(kernels, method, first, seed, probes)
     distinct = list({id(o): o for o in ops}.values())
+    exact_cost = sum(min(o.dim, o.num_params) if isinstance(o, FactoredKernel) else o.dim for o in distinct)
+    exact_ok = quantity == "trace" or all(
+        o.dim * (o.num_params if isinstance(o, FactoredKernel) else o.dim) <= EXACT_MAX_ENTRIES for o in distinct
+    )
+    _check_budget(meth, m, len(distinct), exact_cost, quantity)
+    limit = _stored_probe_limit(meth, ops, quantity)
+    if not adaptive and limit is not None and m > limit:
+        raise ValueError(
+            f"{quantity} with method={meth.value!r} keeps every probe's product and the m × m probe Gram: num_probes={m} "
+            f"exceeds the memory limit of {limit} probes; the exact value costs {exact_cost} passes (method='exact')"
+        )
     before = [o.counts() for o in distinct]
     info: dict[str, Any] = dict(extra or {})
     run_ops = ops
+
+    def passes_now() -> int:
+        return sum(sum(a[:2]) - sum(b[:2]) for a, b in zip((o.counts() for o in distinct), before))
+
     if adaptive or meth is Method.AUTO:
         # memoised proxies: later rounds (and a method chosen after auto's pilot) reuse products
         proxies = {id(o): adapt.cached(o) for o in distinct}
         run_ops = [proxies[id(o)] for o in ops]
     if meth is Method.AUTO:
+        budget = m
         meth, reason = choose_method(ops, quantity, m, seed=base, info=info, pilot_ops=run_ops, probes=probe_kind)
         meth, reason = est.agree((meth, reason))  # ranks splitting probes must run the same method
-        if meth in (Method.HUTCHINSON, Method.HUTCHPP) and all(isinstance(o, FactoredKernel) for o in ops):
-            # auto reads num_probes as an AD-pass budget: a K-matvec costs a VJP and a JVP
-            m = max(3, m // 2)
-            reason += f" ({m} K-matvecs = {2 * m} AD passes per kernel, within the pass budget)"
+        # auto reads num_probes as an AD-pass budget per kernel: timing and pilot passes count in it
+        # deterministic (same seed, same m, whatever the chunk size or an earlier call's timing
+        # cache): the pilot's passes plus an allowance for the one-off pass timing (≤ 5 per mode)
+        timing = 2 * TIMING_PASSES if meth is not Method.EXACT and any(isinstance(o, NTK) for o in ops) else 0
+        spent = (int(info.get("pilot_passes", 0)) + timing) // len(distinct)
+        if meth in ONE_SIDED:
+            reused = int(info.get("pilot", {}).get("sketch", 0)) if "pilot_passes" in info else 0
+            m = max(2, budget - spent + reused)
+            if spent:
+                reason += f" ({spent} timing/pilot passes, {reused} of them reused, inside the {budget}-pass budget)"
+        elif meth in (Method.HUTCHINSON, Method.HUTCHPP) and all(isinstance(o, FactoredKernel) for o in ops):
+            # a K-matvec costs a VJP and a JVP
+            m = max(3, (budget - spent) // 2)
+            reason += f" ({m} K-matvecs = {2 * m} AD passes per kernel, within the pass budget with {spent} pilot passes)"
         info["reason"] = reason
         if not adaptive and (meth not in ONE_SIDED or "pilot_passes" not in info):
             run_ops = ops  # only the one-sided methods reuse the pilot's products; skip the memo's cost
 
     last_info: dict[str, Any] = {}
+    run_method = [meth]
 
     def run(mm: int) -> tuple[float, float, Any]:
         nonlocal last_info
         last_info = dict(info)
-        parts, fn = body(run_ops, _Ctx(meth, mm, base, probe_kind, chunk_size, last_info))
+        parts, fn = body(run_ops, _Ctx(run_method[0], mm, base, probe_kind, chunk_size, last_info))
         value, se, bc = combine(parts, fn)
+        k = dof(parts)
+        if k is not None:
+            last_info["dof"] = k
         if not math.isfinite(value):
             raise ValueError(f"{quantity} is not finite ({value}); the kernel may be zero or the estimate degenerate")
         return value, se, bc
 
-    def passes_now() -> int:
-        return sum(sum(a[:2]) - sum(b[:2]) for a, b in zip((o.counts() for o in distinct), before))
+    def run_exact() -> tuple[float, float, Any]:
+        run_method[0] = Method.EXACT
+        return run(0)
 
     converged: bool | None = None
     if adaptive and meth is not Method.EXACT:
         per_probe = (1 if meth in ONE_SIDED else 2) * len(distinct)
-        if max_passes is not None:
-            m = max(2, min(m, (max_passes - passes_now()) // per_probe))
+        assert max_passes is not None
+        m = max(2, min(m, (max_passes - passes_now()) // per_probe))
         res = adapt.drive(
             run,
             passes_now,
@@ -269,11 +311,15 @@ def _estimate(
             rtol=rtol,
             atol=atol,
             max_passes=max_passes,
-            max_probes=ops[0].dim - 1 if meth is Method.XTRACE else None,
+            max_probes=_max_probes(meth, ops, quantity),
             max_growth=2.0 if meth in (Method.HUTCHPP, Method.XTRACE) else adapt.GROWTH_MAX,
             what=quantity,
+            exact=run_exact if exact_ok else None,
+            exact_passes=exact_cost,
+            probe_cost=per_probe,
         )
         value, se, bc, m, converged = res.value, res.stderr, res.payload, res.num_probes, res.converged
+        meth = run_method[0]
         last_info["adaptive"] = {"rounds": res.history, "stop": res.stop_reason, "rtol": rtol, "atol": atol, "max_passes": max_passes}
     else:
         value, se, bc = run(m)
@@ -287,7 +333,14 @@ def _estimate(
         mvs = sum(a[2] - b[2] for a, b in zip(after, before))
     else:  # K-products requested through the proxies (cached ones included)
         mvs = sum(o.counts()[2] for o in {id(o): o for o in run_ops}.values())
-    is_exact = meth is Method.EXACT
+    total = getattr(est.current_executor(), "total_passes", None)
+    if total is not None:  # probe-parallel: report the job's passes, and this rank's share in info
+        info["rank_passes"] = {"jvp": jvps, "vjp": vjps}
+        jvps, vjps = total(jvps, vjps)
+    is_exact = meth is Method.EXACT or (se == 0 and "dof" not in info and "exact" in str(info.get("variants", "")))
+    if is_exact and meth is not Method.EXACT:  # the budget covered the exact cost (see info["variants"])
+        info["requested_method"] = meth.value
+        meth = Method.EXACT
     if not is_exact:
         info["bias_corrected"] = bc
     paths = {i: o.paths for i, o in enumerate(distinct) if isinstance(o, NTK)}
@@ -310,6 +363,40 @@ def _estimate(
         info={"matvecs": mvs, **info},
         converged=converged,
     )
+
+
+#: Passes ``NTK.pass_seconds`` may spend per AD mode (a warm-up column and up to 4 timed ones).
+TIMING_PASSES = 5
+#: A fixed budget may exceed the exact value's cost by this factor (and by BUDGET_FLOOR passes) at most.
+BUDGET_FACTOR, BUDGET_FLOOR = 100, 10**5
+#: One-sided norms and ratios keep the m one-sided products (m × out_dim numbers): at most this many.
+MAX_STORED_ENTRIES = 5 * 10**7
+
+
+def _check_budget(meth: Method, m: int, n_ops: int, exact_cost: int, quantity: str) -> None:
+    """Refuse budgets far beyond the exact value's cost (they would run for hours or months)."""
+    per = 0 if meth is Method.EXACT else (1 if meth in ONE_SIDED or meth is Method.AUTO else 2)
+    want = per * m * n_ops
+    if want > max(BUDGET_FACTOR * exact_cost, BUDGET_FLOOR):
+        raise ValueError(
+            f"num_probes={m} would cost {want:.3g} AD passes for {quantity}, but the exact value costs {exact_cost} "
+            f"(method='exact'); ask for at most {max(BUDGET_FACTOR * exact_cost, BUDGET_FLOOR) // max(per * n_ops, 1)} probes"
+        )
+
+
+def _stored_probe_limit(meth: Method, ops: Sequence[KernelOperator], quantity: str) -> int | None:
+    """Most probes whose one-sided products (m × out) and probe Gram (m × m) fit MAX_STORED_ENTRIES."""
+    if quantity == "trace" or meth not in (Method.VJP, Method.JVP):
+        return None
+    out = max(o.num_params if meth is Method.VJP else o.dim for o in ops if isinstance(o, FactoredKernel))
+    return max(2, min(MAX_STORED_ENTRIES // max(out, 1), math.isqrt(MAX_STORED_ENTRIES)))
+
+
+def _max_probes(meth: Method, ops: Sequence[KernelOperator], quantity: str) -> int | None:
+    """The most probes a tolerance loop may grow to (dimension limits; stored one-sided products)."""
+    if meth is Method.XTRACE:
+        return ops[0].dim - 1
+    return _stored_probe_limit(meth, ops, quantity)
 
 
 # -- choosing a method -------------------------------------------------------------------------
@@ -451,16 +538,39 @@ def _gram(A: torch.Tensor, B: torch.Tensor | None = None) -> torch.Tensor:
 
 
 def _xtrace_part(
-    matmat: Callable[[torch.Tensor], torch.Tensor], op: KernelOperator, ctx: _Ctx, stream_id: int, psd: bool
+    op: KernelOperator,
+    ctx: _Ctx,
+    stream_id: int,
+    *,
+    psd: bool,
+    exact: Callable[[], Sequence[float]],
+    powers: Sequence[int] = (1,),
+    matmat: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Part:
+    """XNysTrace of ``tr op^p`` for each p in ``powers`` on shared probes (``psd``), or XTrace of
+    ``tr(matmat)`` (any square operator; ``matmat`` applies two operators), with a grouped
+    jackknife over test vectors; the exact value once the budget covers its cost.
+
+    XTrace's own error estimate (the spread of its exchangeable samples) under-covers badly
+    (0.2–0.6 near the dimension); the jackknife of the whole estimator is what is reported.
+    """
+    per = 2 if isinstance(op, (FactoredKernel, GramOperator)) else 1  # AD passes per product
+    order = 2 if matmat is not None else max(powers)
+    cost = per * ctx.m * order
+    if cost >= op.dim:  # exact costs op.dim = min(D, P) one-sided passes (or dim products)
+        unit = "AD passes" if per == 2 else "products"
+        ctx.info.setdefault("variants", []).append(f"exact (the budget, {cost} {unit}, covers the exact cost of {op.dim})")
+        return Part.exact(*exact())
     stream = ctx.stream(op.dim, op.dtype, op.device, stream_id, default=Probe.SPHERE)
     chunk = ctx.chunk or int(getattr(op, "chunk_size", 64))
-    fn = est.xnystrace_samples if psd else est.xtrace_samples
-    if ctx.m >= op.dim:  # the budget covers a basis: the exact trace costs no more (dim ≤ m products)
-        ctx.info.setdefault("variants", []).append("exact basis (num_probes ≥ dim)")
-        return Part.exact(float(sum(float(matmat(E)[s:e].double().diagonal().sum()) for s, e, E in ex.basis_chunks(op, chunk))))
-    ctx.info.setdefault("variants", []).append("xnystrace" if psd else "xtrace")
-    return Part.means(fn(matmat, stream, ctx.m, op.dtype, chunk))
+    if psd and matmat is None:
+        ctx.info.setdefault("variants", []).append("xnystrace")
+        full, reps = est.xnystrace_jackknife(op.matmat, stream, ctx.m, op.dtype, chunk, powers)
+    else:
+        ctx.info.setdefault("variants", []).append("xtrace")
+        full, reps = est.xtrace_jackknife(matmat or op.matmat, stream, ctx.m, op.dtype, chunk)
+    ctx.info["jackknife_groups"] = int(reps.shape[0])
+    return Part(full.to(torch.float64), reps.to(torch.float64))
 
 
 def _two_sided(op: KernelOperator, ctx: _Ctx) -> KernelOperator:
@@ -475,6 +585,7 @@ def _two_sided(op: KernelOperator, ctx: _Ctx) -> KernelOperator:
 
 def _trace_part(op: KernelOperator, ctx: _Ctx) -> Part:
     meth = ctx.method
+    orig = op
     op = _two_sided(op, ctx)
     if meth is Method.EXACT:
         return Part.exact(ex.exact_trace(op))
@@ -486,7 +597,7 @@ def _trace_part(op: KernelOperator, ctx: _Ctx) -> Part:
         ctx.info["sketch_size"] = r.sketch_size
         return Part.means(r.residual[:, 0, 1], r.exact[0, 1])
     if meth is Method.XTRACE:
-        return _xtrace_part(op.matmat, op, ctx, est.MAIN, psd=isinstance(op, (FactoredKernel, GramOperator)))
+        return _xtrace_part(op, ctx, est.MAIN, psd=isinstance(op, (FactoredKernel, GramOperator)), exact=lambda: [ex.exact_trace(orig)])
     assert isinstance(op, FactoredKernel)
     side = "vjp" if meth in (Method.VJP, Method.VJP_PROJ) else "jvp"
     stream = ctx.stream(est.probe_dim(op, side), op.dtype, op.device)
@@ -497,14 +608,11 @@ def _trace_part(op: KernelOperator, ctx: _Ctx) -> Part:
     return Part.means(est.onesided(op, side, stream.columns, ctx.m, keep=False, chunk_size=ctx.chunk))
 
 
-def _sq(op: KernelOperator) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda V: op.matmat(op.matmat(V))
-
-
 def _frob_and_trace_parts(op: KernelOperator, ctx: _Ctx, need_trace: bool) -> list[Part]:
     """Parts whose components are [tr K, ‖K‖_F²] (or just [‖K‖_F²])."""
     meth = ctx.method
     sel = [0, 1] if need_trace else [1]
+    orig = op
     op = _two_sided(op, ctx)
     if meth is Method.EXACT:
         vals = [ex.exact_trace(op), ex.exact_frobenius_sq(op)]
@@ -518,8 +626,17 @@ def _frob_and_trace_parts(op: KernelOperator, ctx: _Ctx, need_trace: bool) -> li
         samples = torch.stack([r.residual[:, 0, 1], r.residual[:, 1, 1]], 1)[:, sel]
         return [Part.means(samples, torch.stack([r.exact[0, 1], r.exact[1, 1]])[sel])]
     if meth is Method.XTRACE:
-        parts = [_xtrace_part(op.matmat, op, ctx, est.MAIN, psd=True)] if need_trace else []
-        return parts + [_xtrace_part(_sq(op), op, ctx, est.SECOND, psd=True)]
+        # trace and tr K² from the same probes Ω and products KΩ, K²Ω = K(KΩ): ratios share noise
+        return [
+            _xtrace_part(
+                op,
+                ctx,
+                est.MAIN if need_trace else est.SECOND,
+                psd=True,
+                powers=(1, 2) if need_trace else (2,),
+                exact=lambda: ([ex.exact_trace(orig)] if need_trace else []) + [ex.exact_frobenius_sq(orig)],
+            )
+        ]
     if meth in (Method.VJP, Method.JVP):
         assert isinstance(op, FactoredKernel)
         A = _onesided_vectors(op, meth.value, ctx)
@@ -706,9 +823,11 @@ def alignment(
                 ]
         elif meth is Method.XTRACE:
             parts = [
-                _xtrace_part(lambda V: a.matmat(b.matmat(V)), a, ctx, est.MAIN, psd=False),
-                _xtrace_part(_sq(a), a, ctx, est.SECOND, psd=True),
-                _xtrace_part(_sq(b), b, ctx, est.SECOND + 1, psd=True),
+                _xtrace_part(
+                    a, ctx, est.MAIN, psd=False, matmat=lambda V: a.matmat(b.matmat(V)), exact=lambda: [ex.exact_inner(a, b)]
+                ),
+                _xtrace_part(a, ctx, est.SECOND, psd=True, powers=(2,), exact=lambda: [ex.exact_frobenius_sq(a)]),
+                _xtrace_part(b, ctx, est.SECOND + 1, psd=True, powers=(2,), exact=lambda: [ex.exact_frobenius_sq(b)]),
             ]
         elif meth is Method.VJP:
             assert isinstance(a, FactoredKernel) and isinstance(b, FactoredKernel)

@@ -446,6 +446,9 @@ class NTK(FactoredKernel):
         if len(dtypes) > 1:
             raise ValueError(f"parameters have mixed dtypes {sorted(map(str, dtypes))}; cast the model to one dtype")
         _check_finite_inputs(self.inputs)
+        empty = [tuple(t.shape) for t in _tensors(self.inputs) if t.numel() == 0]
+        if empty:
+            raise ValueError(f"inputs are empty (a tensor of shape {empty[0]}): the NTK needs at least one input")
         # fork_rng: a random model must not advance the user's (CPU) random stream
         with torch.no_grad(), _quiet(), torch.random.fork_rng(devices=[]):
             try:
@@ -458,6 +461,8 @@ class NTK(FactoredKernel):
                 raise ValueError(f"{what} produced non-finite outputs (nan or inf) on the given inputs")
             # A random forward (functional dropout, noise injection) has no NTK.  vmap catches it
             # only where the forward runs inside vmap (not on the VJP path), so compare two runs.
+            if z.numel() == 0:
+                raise ValueError(f"the state is empty (shape {tuple(z.shape)}): the NTK needs at least one output")
             z2 = fn(*self.primals)
             scale = float(z.abs().max())
             if not (isinstance(z2, torch.Tensor) and z2.shape == z.shape and torch.allclose(z2, z, rtol=1e-4, atol=1e-6 * scale)):

@@ -18,7 +18,11 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-__all__ = ["convergence", "per_time_step", "training", "LABELS"]
+__all__ = ["convergence", "per_time_step", "training", "training_pngs", "read_track_csv", "NotTrackCSV", "LABELS"]
+
+
+class NotTrackCSV(ValueError):
+    """A file given to :func:`training` that is not a CSV written by ``ntkscope track``."""
 
 #: Axis labels of the quantities.
 LABELS = {
@@ -133,6 +137,57 @@ def per_time_step(
     return _save(fig, path)
 
 
+def read_track_csv(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a ``ntkscope track`` CSV; :class:`NotTrackCSV` for anything else."""
+    from .track import COLUMNS, read_rows
+
+    p = Path(path)
+    try:
+        head = p.read_bytes()[:4096].decode("utf-8").split("\n", 1)[0]
+    except UnicodeDecodeError:
+        raise NotTrackCSV(f"{p} is not an ntkscope track CSV (it is not a text file)") from None
+    cols = [c.strip() for c in head.split(",")]
+    if "step" not in cols or not any(c in cols for c in COLUMNS if c not in ("step", "loss", "method", "passes", "seconds")):
+        raise NotTrackCSV(f"{p} is not an ntkscope track CSV (its header has no 'step' and metric columns; got {head[:80]!r})")
+    try:
+        rows = read_rows(p)
+    except (ValueError, KeyError, UnicodeDecodeError) as e:
+        raise NotTrackCSV(f"{p} is not an ntkscope track CSV ({type(e).__name__}: {e})") from None
+    if not rows:
+        raise NotTrackCSV(f"{p} has a header but no rows yet")
+    return rows
+
+
+def _subtitle(data: Sequence[Mapping[str, Any]]) -> str:
+    methods = sorted({str(r["method"]) for r in data if r.get("method") not in (None, "")})
+    passes = sorted({int(r["passes"]) for r in data if isinstance(r.get("passes"), (int, float)) and math.isfinite(r["passes"])})
+    bits = ["error bars: ±1 stderr"]
+    if methods:
+        bits.append("method " + "/".join(methods))
+    if passes:
+        bits.append(f"{passes[0]} AD passes per row" if len(passes) == 1 else f"{passes[0]}–{passes[-1]} AD passes per row")
+    return "; ".join(bits)
+
+
+def training_pngs(
+    rows: str | Path | Sequence[Mapping[str, Any]], out: str | Path, *, title: str | None = None
+) -> list[Path]:
+    """One PNG per metric (``OUT_<metric>.png``) and one with every panel (``OUT.png``)."""
+    data = read_track_csv(rows) if isinstance(rows, (str, Path)) else list(rows)
+    from .track import TRACK_METRICS
+
+    out = Path(out)
+    name = title or out.stem
+    written = []
+    for m in ("loss", *TRACK_METRICS):
+        if data and m in data[0]:
+            png = out.with_name(f"{out.stem}_{m}.png")
+            training(data, [m], title=f"{name}: {LABELS.get(m, m)}", path=png)
+            written.append(png)
+    training(data, title=f"{name}: NTK metrics over training", path=out.with_suffix(".png"))
+    return [out.with_suffix(".png"), *written]
+
+
 def training(
     rows: str | Path | Sequence[Mapping[str, Any]],
     metrics: Sequence[str] | None = None,
@@ -145,9 +200,11 @@ def training(
     ``rows``: a ``ntkscope track`` CSV path or its rows (:func:`ntkscope.track.read_rows`).
     ``metrics`` defaults to every tracked metric present, plus the loss.
     """
-    from .track import TRACK_METRICS, read_rows
+    from matplotlib.ticker import MaxNLocator
 
-    data = read_rows(rows) if isinstance(rows, (str, Path)) else list(rows)
+    from .track import TRACK_METRICS
+
+    data = read_track_csv(rows) if isinstance(rows, (str, Path)) else list(rows)
     if not data:
         raise ValueError("no rows to plot")
     names = list(metrics) if metrics is not None else [m for m in ("loss", *TRACK_METRICS) if m in data[0]]
@@ -165,11 +222,12 @@ def training(
         se = np.array([r.get(f"{m}_stderr", 0.0) for r in data], dtype=float)
         ax.errorbar(steps, y, yerr=np.nan_to_num(se, posinf=0.0), fmt="o-", ms=3, capsize=2)
         ax.set_xlabel("training step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
         ax.set_ylabel(LABELS.get(m, m))
         if m == "loss" and np.all(y > 0):
             ax.set_yscale("log")
     for ax in axes[n:]:
         ax.set_visible(False)
-    if title:
-        fig.suptitle(title)
+    sub = _subtitle(data)
+    fig.suptitle(f"{title}\n{sub}" if title else sub, fontsize=10)
     return _save(fig, path)

@@ -72,10 +72,18 @@ class Eigen:
     method: str
     seconds: float
     info: dict[str, Any] = field(default_factory=dict)
+    #: Error bounds: each ``values[i]`` lies within ``errors[i]`` of an eigenvalue of K (the
+    #: residual ``‖K u_i − λ_i u_i‖`` of its Ritz pair; zeros for ``"gram"``, which is exact).
+    errors: torch.Tensor | None = None
 
     @property
     def passes(self) -> int:
         return self.jvp_passes + self.vjp_passes
+
+    def __str__(self) -> str:
+        vals = ", ".join(f"{v:.5g}" for v in self.values.tolist())
+        err = "" if self.errors is None else " ± " + ", ".join(f"{e:.2g}" for e in self.errors.tolist())
+        return f"top eigenvalues [{vals}]{err} [{self.method}, {self.jvp_passes} JVP + {self.vjp_passes} VJP passes, {self.seconds:.3g} s]"
 
 
 def _counts(op: KernelOperator) -> tuple[int, int, int]:
@@ -156,7 +164,7 @@ def top_eigenvalues(
     *,
     method: str = "auto",
     oversample: int = 10,
-    power_iters: int = 1,
+    power_iters: int = 3,
     steps: int | None = None,
     seed: int | torch.Generator | None = None,
     chunk_size: int | None = None,
@@ -169,6 +177,9 @@ def top_eigenvalues(
     sketch, else ``rsvd`` for factored kernels and ``nystrom`` otherwise).  ``oversample`` extra
     sketch columns and ``power_iters`` subspace iterations sharpen the randomized methods (error
     bounds: Halko et al. 2011, Thm. 10.6); ``steps`` Lanczos steps (default ``3k + 20``).
+    The default (3 power iterations) is within 0.3 % on the README's digits MLP (1 iteration:
+    1.4–4.2 % low).  ``errors`` bounds each value's distance to an eigenvalue of K by its Ritz
+    residual, from ``k`` more K-products (``2k`` AD passes) — reported, not assumed.
     """
     t0 = time.perf_counter()
     op = as_operator(K)
@@ -238,15 +249,24 @@ def top_eigenvalues(
         vals[:m] = theta[:m].clamp(min=0)
         vecs = V @ W[:, :k_eff]
         info["steps"] = int(alpha.numel())
+    if vecs is None:
+        errors = torch.zeros_like(vals)
+    else:  # Ritz residuals ‖K u − λ u‖: each value lies within its residual of an eigenvalue of K
+        U = vecs.to(torch.float64)
+        errors = torch.linalg.vector_norm(_matmat_chunked(op, U, chunk_size) - U * vals[None, :], dim=0).cpu()
     c1 = _counts(op)
+    jv, vj = c1[0] - c0[0], c1[1] - c0[1]
+    # K-products: counted ones, or (rsvd: J and Jᵀ applied separately) half the AD passes
+    mvs = (jv + vj) // 2 if factored else c1[2] - c0[2]
     return Eigen(
         values=vals.cpu(),
         vectors=vecs if return_vectors else None,
-        jvp_passes=c1[0] - c0[0],
-        vjp_passes=c1[1] - c0[1],
+        jvp_passes=jv,
+        vjp_passes=vj,
         method=method,
         seconds=time.perf_counter() - t0,
-        info={"matvecs": c1[2] - c0[2], **info},
+        info={"matvecs": mvs, **info},
+        errors=errors,
     )
 
 

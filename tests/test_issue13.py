@@ -1,0 +1,321 @@
+"""Regressions of issue 13 ("no wrong answers, no hangs, bounded memory"), one test per defect.
+
+Calls that hung on the old code run in a subprocess under a deadline, so a regression fails
+instead of hanging the suite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from matplotlib.figure import Figure
+
+import ntkscope as nk
+from ntkscope import exact as ex
+from ntkscope import plot
+from ntkscope.tasks import jacobian_with_spectrum
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def _tiny(dtype: torch.dtype = torch.float64) -> nk.NTK:
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).to(dtype)
+    return nk.NTK(m, torch.randn(6, 5, dtype=dtype))  # D = 18, P = 75
+
+
+def _python(code: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": SRC}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+class _Result:
+    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def _cli(*args: str, cwd: Path, timeout: float = 120) -> _Result:
+    """The command line in-process (typer's runner: same exit codes and streams, no interpreter start-up)."""
+    from typer.testing import CliRunner
+
+    from ntkscope.cli import app
+
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        r = CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
+    finally:
+        os.chdir(old)
+    return _Result(r.exit_code, r.stdout, r.stderr)
+
+
+FACTORIES = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+
+    class Shifted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.lin(x - 1e8)  # needs float64: x - 1e8 is all rounding error in float32
+
+
+    def make64():
+        torch.manual_seed(0)
+        return Shifted().double(), 1e8 + torch.randn(6, 5, dtype=torch.float64)
+
+
+    def frozen():
+        m = nn.Linear(4, 2)
+        for p in m.parameters():
+            p.requires_grad_(False)
+        return m, torch.randn(3, 4)
+
+
+    def small():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)), torch.randn(5, 4), torch.randint(0, 2, (5,))
+
+
+    class Boom(nn.Linear):
+        def forward(self, x):
+            if x.shape[0] == 0:
+                return super().forward(x)
+            raise KeyError("the user's forward broke")
+
+
+    def boom():
+        return Boom(4, 2), torch.randn(3, 4)
+    """
+)
+
+
+@pytest.fixture()
+def factories(tmp_path: Path) -> Path:
+    p = tmp_path / "facts.py"
+    p.write_text(FACTORIES)
+    return p
+
+
+# 1 -------------------------------------------------------------------------------------------
+def test_cli_keeps_the_model_dtype(factories: Path, tmp_path: Path) -> None:
+    r = _cli("estimate", "-m", f"{factories}:make64", "--method", "exact", "--metrics", "trace", "--json", "-q", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)["results"][0]["metrics"][0]["estimate"]["value"]
+    sys.path.insert(0, str(factories.parent))
+    try:
+        import facts  # type: ignore[import-not-found]
+
+        model, x = facts.make64()
+    finally:
+        sys.path.remove(str(factories.parent))
+        sys.modules.pop("facts", None)
+    want = nk.trace(nk.NTK(model, x), method="exact").value  # 76.8: float32 would give 18
+    assert got == pytest.approx(want, rel=1e-9)
+    r = _cli("estimate", "-m", f"{factories}:make64", "--method", "exact", "--metrics", "trace", "--json", "-q",
+             "--dtype", "float32", cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr  # the explicit override still casts
+
+
+# 2 (coverage near D: tests/test_coverage.py::test_trace_interval_coverage_across_budgets) ------
+def test_xtrace_is_exact_once_its_budget_covers_the_exact_cost() -> None:
+    K = _tiny()
+    e = nk.trace(K, method="xtrace", num_probes=17, seed=0)  # 34 passes ≥ 18: exact costs less
+    assert e.exact and e.stderr is None and e.value == pytest.approx(ex.exact_trace(K), rel=1e-12)
+    assert e.passes <= 18 and e.info["requested_method"] == "xtrace"
+
+
+def test_xtrace_error_is_a_jackknife_not_its_sample_spread() -> None:
+    K = nk.NTK.from_jacobian(jacobian_with_spectrum(200, 300, torch.arange(1, 201, dtype=torch.float64) ** -1.0))
+    truth = ex.exact_frobenius_sq(K) ** 0.5
+    z = [abs(e.value - truth) / e.stderr for e in (nk.frobenius_norm(K, method="xtrace", num_probes=30, seed=s) for s in range(40))]
+    assert sum(v < 2.3 for v in z) / len(z) >= 0.9  # the old error bar covered 0.60 here
+
+
+# 3 -------------------------------------------------------------------------------------------
+def test_top_eigenvalues_default_is_accurate_and_counts_its_passes() -> None:
+    J = jacobian_with_spectrum(300, 400, torch.arange(1, 301, dtype=torch.float64) ** -1.0, seed=2)
+    K = nk.NTK.from_jacobian(J)
+    exact = torch.linalg.eigvalsh(J @ J.T).flip(0)[:5]
+    top = nk.top_eigenvalues(K, k=5, seed=0)
+    assert top.method == "rsvd"
+    assert torch.all((top.values - exact).abs() <= 0.01 * exact)
+    assert top.errors is not None and torch.all((top.values - exact).abs() <= top.errors + 1e-9)
+    assert top.info["matvecs"] == top.passes // 2 > 0
+
+
+# 4, 5 ------------------------------------------------------------------------------------------
+def test_tolerance_switches_to_exact_instead_of_growing_the_gram() -> None:
+    K = nk.NTK.from_jacobian(jacobian_with_spectrum(60, 90, torch.arange(1, 61, dtype=torch.float64) ** -1.0))
+    e = nk.frobenius_norm(K, method="vjp", rtol=1e-3, seed=0)
+    assert e.exact and e.converged is True and e.value == pytest.approx(ex.exact_frobenius_sq(K) ** 0.5, rel=1e-12)
+    assert e.passes <= 3 * 60  # rounds stop once the next one would cost more than the exact 60 passes
+    assert "exact value cost less" in e.info["adaptive"]["stop"]
+
+
+def test_rtol_zero_is_rejected_or_bounded() -> None:
+    r = _python(
+        """
+        import torch, ntkscope as nk
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        K = nk.NTK(m, torch.randn(6, 5))
+        try:
+            nk.trace(K, method="vjp", rtol=0)
+        except ValueError as e:
+            print("REFUSED", e)
+        e = nk.trace(K, method="vjp", rtol=0, max_passes=500, seed=0)
+        print("BOUNDED", e.passes)
+        """
+    )
+    assert r.returncode == 0, r.stderr
+    assert "REFUSED" in r.stdout and "max_passes" in r.stdout
+    assert int(r.stdout.split("BOUNDED")[1]) <= 500
+
+
+def test_stored_products_have_a_memory_limit() -> None:
+    K = nk.NTK.from_jacobian(torch.randn(4, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="memory limit"):
+        nk.frobenius_norm(K, method="vjp", num_probes=20_000, seed=0)
+
+
+# 6 -------------------------------------------------------------------------------------------
+def test_absurd_budgets_are_refused_with_the_exact_cost() -> None:
+    r = _python(
+        """
+        import torch, ntkscope as nk
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        try:
+            nk.trace(nk.NTK(m, torch.randn(6, 5)), num_probes=10**12)
+        except ValueError as e:
+            print(e)
+        """,
+        timeout=60,
+    )
+    assert r.returncode == 0 and "exact value costs 18" in r.stdout, r.stdout + r.stderr
+
+
+# 7, 15 (chunk_size) ------------------------------------------------------------------------------
+def test_empty_inputs_and_bad_chunk_sizes_are_named() -> None:
+    with pytest.raises(ValueError, match="inputs are empty"):
+        nk.NTK(torch.nn.Linear(5, 3), torch.randn(0, 5))
+    K = _tiny()
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="chunk_size"):
+            nk.trace(K, method="vjp", num_probes=4, seed=0, chunk_size=bad)
+
+
+# 8, 14 -----------------------------------------------------------------------------------------
+def test_plot_refuses_files_that_are_not_track_csvs(tmp_path: Path) -> None:
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    (tmp_path / "bin.csv").write_bytes(bytes(range(256)) * 4)
+    for name in ("other.csv", "bin.csv"):
+        r = _cli("plot", str(tmp_path / name), cwd=tmp_path)
+        assert r.returncode == 2, r.stderr
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and "not an ntkscope track CSV" in last
+
+
+def _rows() -> list[dict]:
+    return [
+        {"step": s, "loss": 1.0 / (s + 1), "trace": 10.0 + s, "trace_stderr": 0.5, "effective_rank": 3.0, "effective_rank_stderr": 0.1,
+         "method": "vjp", "passes": 32, "seconds": 0.1}
+        for s in (0, 1, 2, 3)
+    ]  # fmt: skip
+
+
+def test_training_plots_say_what_the_bars_are_and_use_whole_steps(tmp_path: Path) -> None:
+    fig = plot.training(_rows(), title="gru")
+    assert isinstance(fig, Figure)
+    title = fig.get_suptitle()
+    assert "gru" in title and "±1 stderr" in title and "vjp" in title and "32 AD passes" in title
+    for ax in fig.axes:
+        if ax.get_visible():
+            ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+            assert ticks and all(float(t).is_integer() for t in ticks)
+    written = plot.training_pngs(_rows(), tmp_path / "run.png", title="gru")
+    names = sorted(p.name for p in written)
+    assert names == ["run.png", "run_effective_rank.png", "run_loss.png", "run_trace.png"]
+    assert all(p.stat().st_size > 5000 for p in written)
+
+
+# 9, 10, 15 (orthogonal, exact speed-up) ----------------------------------------------------------
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--method", "bogus"], "unknown --method"),
+        (["--probe-kind", "cauchy"], "unknown --probe-kind"),
+        (["--rtol", "-1"], "--rtol"),
+        (["--probe-kind", "orthogonal"], "trace only"),
+        (["--model", "FACT:frozen"], "no trainable parameters"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(factories: Path, tmp_path: Path, args: list[str], needle: str) -> None:
+    args = [a.replace("FACT", str(factories)) for a in args]
+    model = [] if "--model" in args else ["--model", f"{factories}:small"]
+    r = _cli("estimate", *model, *args, "-q", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    last = r.stderr.strip().splitlines()
+    assert len(last) == 1 and last[0].startswith("error: ") and needle in last[0]
+    assert "params=" not in r.stderr
+
+
+def test_user_code_failure_exits_1_with_one_line(factories: Path, tmp_path: Path) -> None:
+    r = _cli("estimate", "--model", f"{factories}:boom", "-q", cwd=tmp_path)
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "the user's forward broke" in lines[0]
+
+
+def test_orthogonal_probes_are_documented_and_exact_rows_show_no_speedup(factories: Path, tmp_path: Path) -> None:
+    r = _cli("estimate", "--help", cwd=tmp_path)
+    assert "orthogonal" in r.stdout
+    r = _cli("estimate", "-m", f"{factories}:small", "--method", "exact", "--metrics", "trace", "-q", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "0.0×" not in r.stdout
+    r = _cli("estimate", "-m", f"{factories}:small", "--probe-kind", "orthogonal", "--metrics", "trace", "--method", "vjp",
+             "-n", "4", "-q", cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+
+
+# 11 ------------------------------------------------------------------------------------------
+def test_auto_stays_inside_its_pass_budget() -> None:
+    K = nk.NTK.from_jacobian(jacobian_with_spectrum(96, 200, torch.arange(1, 97, dtype=torch.float64) ** -1.0))
+    for budget in (40, 95):
+        e = nk.trace(K, num_probes=budget, seed=0)
+        assert e.passes <= budget, (budget, e.passes, e.info.get("reason"))
+    assert nk.trace(K, num_probes=96, seed=0).exact
+    e = nk.frobenius_norm(K, rtol=0.02, seed=0)  # a tolerance: never more than a round past the exact cost
+    assert e.passes <= 3 * 96
+
+
+# 13 ------------------------------------------------------------------------------------------
+def test_effective_rank_xtrace_shares_its_probes() -> None:
+    K = nk.NTK.from_jacobian(jacobian_with_spectrum(200, 300, torch.arange(1, 201, dtype=torch.float64) ** -1.0))
+    e = nk.effective_rank(K, method="xtrace", num_probes=16, seed=0)
+    assert (e.jvp_passes, e.vjp_passes) == (32, 32)  # KΩ and K(KΩ): 2 × 16 K-products, not 3 × 16
+    truth = ex.exact_trace(K) ** 2 / ex.exact_frobenius_sq(K)
+    assert abs(e.value - truth) <= 5 * e.stderr
+
+
+# 15 (README LSTM line) ------------------------------------------------------------------------------
+def test_readme_lstm_line_shows_the_paths_that_ran() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    line = next(ln for ln in readme.splitlines() if "LSTM(10, 16)" in ln)
+    torch.manual_seed(0)
+    x = torch.randn(30, 8, 10)
+    out: dict = {}
+    exec(line.replace("print(", "out['v'] = ("), {"nk": nk, "torch": torch, "x": x, "out": out})
+    assert isinstance(out["v"], dict) and out["v"] and all(v is not None for v in out["v"].values())
