@@ -71,15 +71,21 @@ def _block_seed(seed: int, stream: int, block: int) -> int:
 
 _BITS = 62  # random bits per int64 draw (randint's bound must fit in int64)
 
+# ±1 for every bit of a byte: row b holds the signs of the bits of b (least significant first)
+_SIGNS = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).mul(2).sub(1)
 
-def _rademacher(d: int, width: int, gen: torch.Generator, dev: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """±1 entries from the bits of int64 draws: 62 signs per random number (about 5× faster
-    than one ``randint(0, 2)`` draw per entry, which dominated one-sided passes at large P)."""
+
+def _rademacher(width: int, d: int, gen: torch.Generator, dev: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A ``(width, d)`` block of ±1 entries (one probe per row) from the bits of int64 draws, 62
+    signs per draw: entry ``(i, j)`` of the ``(d, width)`` block is bit ``k mod 62`` of draw
+    ``k // 62`` with ``k = i·width + j``.  The bits are unpacked a byte at a time through a
+    256 × 8 sign table (twice as fast as shifting every bit out, and 10× faster than one
+    ``randint(0, 2)`` draw per entry, which dominated one-sided passes at large P)."""
     n = -(-d * width // _BITS)
     words = torch.randint(0, 2**_BITS, (n,), generator=gen, device=dev)
-    shifts = torch.arange(_BITS, device=dev)
-    bits = ((words[:, None] >> shifts).to(torch.uint8) & 1).reshape(-1)[: d * width]
-    return bits.reshape(d, width).to(dtype).mul_(2).sub_(1)
+    signs = torch.nn.functional.embedding(words.view(torch.uint8).int(), _SIGNS.to(device=dev, dtype=dtype))  # (8n, 8)
+    bits = signs.view(n, 64)[:, :_BITS].reshape(-1)[: d * width]  # little-endian: byte 0 holds bits 0-7
+    return bits.view(d, width).T.contiguous()
 
 
 @dataclass(frozen=True)
@@ -94,34 +100,40 @@ class ProbeStream:
     device: torch.device | str = "cpu"
 
     def _block(self, b: int) -> torch.Tensor:
+        """Probes ``b·w .. (b+1)·w − 1`` as a row-major ``(w, dim)`` block (one probe per row)."""
         dev = torch.device(self.device)
         gen = torch.Generator(device=dev)
         gen.manual_seed(_block_seed(self.seed, self.stream, b))
         d = self.dim
-        width = min(BLOCK, d) if self.kind is Probe.ORTHOGONAL else BLOCK
+        width = self._width()
         if self.kind is Probe.RADEMACHER:
-            return _rademacher(d, width, gen, dev, self.dtype)
+            return _rademacher(width, d, gen, dev, self.dtype)
+        if self.kind is Probe.GAUSSIAN:  # drawn in float64 so every dtype sees the same probes
+            return torch.randn(width, d, generator=gen, device=dev, dtype=torch.float64).to(self.dtype)
         g = torch.randn(d, width, generator=gen, device=dev, dtype=torch.float64)
-        if self.kind is Probe.GAUSSIAN:
-            return g.to(self.dtype)
         if self.kind is Probe.SPHERE:
-            return (g * (d**0.5 / torch.linalg.vector_norm(g, dim=0))).to(self.dtype)
+            return (g * (d**0.5 / torch.linalg.vector_norm(g, dim=0))).T.to(self.dtype).contiguous()
         q, r = torch.linalg.qr(g)
         q = q * torch.sign(torch.diagonal(r))  # Haar-distributed, not just any orthonormal basis
-        return (q * d**0.5).to(self.dtype)
+        return (q * d**0.5).T.to(self.dtype).contiguous()
 
     def _width(self) -> int:
         return min(BLOCK, self.dim) if self.kind is Probe.ORTHOGONAL else BLOCK
 
-    def columns(self, start: int, stop: int) -> torch.Tensor:
-        """Probe columns ``start .. stop-1`` as a ``(dim, stop - start)`` tensor."""
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """Probes ``start .. stop-1`` as a contiguous ``(stop - start, dim)`` tensor (one per row)."""
         if stop <= start:
-            return torch.empty(self.dim, 0, dtype=self.dtype, device=self.device)
+            return torch.empty(0, self.dim, dtype=self.dtype, device=self.device)
         w = self._width()
         blocks = [self._block(b) for b in range(start // w, (stop - 1) // w + 1)]
-        full = torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]
+        full = torch.cat(blocks, dim=0) if len(blocks) > 1 else blocks[0]
         offset = (start // w) * w
-        return full[:, start - offset : stop - offset]
+        return full[start - offset : stop - offset]
+
+    def columns(self, start: int, stop: int) -> torch.Tensor:
+        """Probe columns ``start .. stop-1`` as a ``(dim, stop - start)`` tensor: the transpose of
+        :meth:`rows` (a view; AD passes take probes as rows, so no copy is made on the way)."""
+        return self.rows(start, stop).T
 
     def child(self, stream: int) -> ProbeStream:
         """An independent stream under the same seed (e.g. sketch vs residual probes)."""
