@@ -64,3 +64,18 @@ def test_tiny_suite(suite, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert errs and all(e >= 0 for e in errs)
     sc = saved["scaling"]["rows"][0]
     assert sc["D"] == 90 and sc["peak_rss_mib"] > 0
+
+
+def test_engine_table_smoke(tmp_path: Path) -> None:
+    """benchmarks/engine.py (models as written vs a bare torch.func loop) runs and writes its table."""
+    import subprocess
+
+    r = subprocess.run(
+        [sys.executable, str(BENCH / "engine.py"), "--quick", "--only", "paper GRU,LSTM", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads((tmp_path / "engine_quick.json").read_text())["rows"]
+    assert {row["model"] for row in rows} == {"paper GRU, wrapped", "LSTM, wrapped"}
+    assert all(row["path"].endswith("+rules") and row["ours_s"] > 0 and row["bare_s"] > 0 for row in rows)
+    assert "ours ÷ bare" in (tmp_path / "engine_quick.md").read_text()

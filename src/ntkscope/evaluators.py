@@ -139,7 +139,8 @@ class Evaluator:
         parts = torch.split(rows, self.numels, dim=1)
         return tuple(p.reshape(rows.shape[0], *s) for p, s in zip(parts, self.shapes))
 
-    def _eval(self, mode: str, path: Path, chunk: torch.Tensor, cache: dict[Any, Any]) -> torch.Tensor:
+    def _eval(self, mode: str, path: Path, chunk: torch.Tensor, cache: dict[Any, Any]) -> list[torch.Tensor]:
+        """The chunk's results as ``(m, ·)`` blocks: one per parameter (VJP) or the state (JVP)."""
         f = self._fn(path)
         key = (path.mkldnn_off, path.rules, path.double_vjp)
         if mode == "vjp":
@@ -151,7 +152,7 @@ class Evaluator:
             else:
                 cols = [vjp_fn(r) for r in chunk]
                 parts = tuple(torch.stack([c[i] for c in cols]) for i in range(len(self.primals)))
-            return torch.cat([p.reshape(chunk.shape[0], -1) for p in parts], 1)
+            return [p.reshape(chunk.shape[0], -1) for p in parts]
         tangents = self._unflatten(chunk)
         if path.double_vjp:
             # J u as the VJP of the linear map w ↦ Jᵀw; built once per call (one forward, one
@@ -169,8 +170,8 @@ class Evaluator:
                 return jvp(f, self.primals, t)[1]
 
         if path.batched:
-            return vmap(fn)(*tangents)
-        return torch.stack([fn(*(t[i] for t in tangents)) for i in range(chunk.shape[0])])
+            return [vmap(fn)(*tangents)]
+        return [torch.stack([fn(*(t[i] for t in tangents)) for i in range(chunk.shape[0])])]
 
     def _verify(self, mode: str, row: torch.Tensor, got: torch.Tensor) -> bool:
         """Whether the rules agree with the first generic path that works, on one probe."""
@@ -179,7 +180,7 @@ class Evaluator:
                 continue
             try:
                 with p.context():
-                    ref = self._eval(mode, p, row, {})
+                    ref = _cat(self._eval(mode, p, row, {}))
             except Exception:  # noqa: S112 — try the next generic path
                 continue
             tol = 1e-10 if row.dtype == torch.float64 else 1e-4
@@ -189,9 +190,10 @@ class Evaluator:
 
     # -- evaluation ----------------------------------------------------------------------------
 
-    def run(self, mode: str, rows: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    def run(self, mode: str, rows: torch.Tensor, reduce: Callable[[list[torch.Tensor]], torch.Tensor] | None = None) -> torch.Tensor:
         """``rows`` (m probes) through ``mode``: ``(m, D)`` or ``(m, P)`` rows, or ``reduce`` of
-        each chunk's rows concatenated (so the whole block is never held at once)."""
+        each chunk's blocks (a list of ``(m, ·)`` column groups), concatenated: the whole result
+        block is never held, nor even one chunk's concatenation."""
         if mode in self.broken:
             raise RuntimeError(f"{mode.upper()} is unavailable for this model: {self.broken[mode]}")
         path = self.paths[mode]
@@ -207,7 +209,7 @@ class Evaluator:
                 with p.context():
                     out = self._eval(mode, p, chunk, cache)
                 if p.rules and not self.forced[mode] and mode not in self.rules_ok:
-                    self.rules_ok[mode] = self._verify(mode, chunk[:1], out[:1])
+                    self.rules_ok[mode] = self._verify(mode, chunk[:1], _cat([o[:1] for o in out]))
                     if not self.rules_ok[mode]:
                         raise RuntimeError("the rules disagree with the generic path on a test probe")
             except Exception as e:  # try the next path
@@ -224,8 +226,21 @@ class Evaluator:
                     raise RuntimeError(f"no {mode.upper()} evaluation path works for this model:\n  " + "\n  ".join(errors)) from e
                 order.pop(0)
                 continue
-            outs.append(out if reduce is None else reduce(out))
+            outs.append(_cat(out) if reduce is None else reduce(out))
             start += chunk.shape[0]
             self.paths[mode] = p
             order = [p]
         return torch.cat(outs, 0) if len(outs) > 1 else outs[0]
+
+
+def _cat(blocks: list[torch.Tensor]) -> torch.Tensor:
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, 1)
+
+
+def sqnorms(blocks: list[torch.Tensor]) -> torch.Tensor:
+    """Per-row squared norms of column blocks, in float64 (summed in the blocks' dtype per block:
+    no float64 copy of the block is made)."""
+    total = torch.zeros(blocks[0].shape[0], dtype=torch.float64, device=blocks[0].device)
+    for b in blocks:
+        total += torch.linalg.vecdot(b, b).to(torch.float64)
+    return total

@@ -24,7 +24,7 @@ from torch import nn
 from torch.func import functional_call
 
 from . import rules as _rules
-from .evaluators import JVP_PATHS, VJP_PATHS, Evaluator, Path, quiet
+from .evaluators import JVP_PATHS, VJP_PATHS, Evaluator, Path, quiet, sqnorms
 
 __all__ = [
     "KernelOperator",
@@ -41,7 +41,7 @@ __all__ = [
 # more probes than this: beyond it, larger GEMMs gain nothing and the per-step blocks of the
 # recurrences fall out of cache.
 _CHUNK_BYTES = 512 * 2**20
-_MAX_AUTO_CHUNK = 512
+_MAX_AUTO_CHUNK = 256
 
 
 def chunk_budget_bytes(device: torch.device) -> int:
@@ -525,7 +525,7 @@ class NTK(FactoredKernel):
         n = self.num_params if side == "jvp" else self.dim
         X, _ = _as_block(X, n, "‖J·U‖²" if side == "jvp" else "‖Jᵀ·V‖²")
         rows = X.to(device=self.device, dtype=self.dtype).T.contiguous()
-        out = self._evaluator.run(side, rows, reduce=lambda r: torch.linalg.vector_norm(r, dim=1, dtype=torch.float64).square())
+        out = self._evaluator.run(side, rows, reduce=sqnorms)
         if side == "jvp":
             self.jvp_count += X.shape[1]
         else:
