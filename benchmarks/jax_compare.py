@@ -17,27 +17,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import median_time  # noqa: E402
+
 OUT = Path(__file__).resolve().parent / "results"
 M = 600
-
-
-def _median(fn, repeats: int = 5) -> float:  # type: ignore[no-untyped-def]
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def torch_side(weights: Path, threads: int) -> dict[str, float]:
@@ -58,7 +49,7 @@ def torch_side(weights: Path, threads: int) -> dict[str, float]:
     out = {}
     for name, K in (("mlp", nk.NTK(mlp, x_mlp)), ("gru", nk.NTK(gru, x_gru, output=0))):
         for side in ("vjp", "jvp"):
-            out[f"{name}-{side}"] = _median(lambda: nk.trace(K, method=side, num_probes=M, seed=0))
+            out[f"{name}-{side}"] = median_time(lambda: nk.trace(K, method=side, num_probes=M, seed=0), repeats=5)
             out[f"{name}-{side}-value"] = nk.trace(K, method=side, num_probes=M, seed=0).value
     return out
 

@@ -94,7 +94,8 @@ def is_randomness_error(e: Exception) -> bool:
 class Evaluator:
     """Evaluates ``J·U`` and ``Jᵀ·V`` on blocks of probe *rows*, ``chunk_size`` at a time.
 
-    ``f(*primals)`` is the flattened state; ``ruled_f`` the same function with rules (or None).
+    ``f(*primals)`` is the flattened state (``dim`` numbers); ``ruled_f`` the same function with
+    rules (or None).
     A path is chosen per mode on first use and kept; one that fails falls back to the next.
     """
 
@@ -103,12 +104,14 @@ class Evaluator:
         f: Callable[..., torch.Tensor],
         primals: Sequence[torch.Tensor],
         ruled_f: Callable[..., torch.Tensor] | None,
+        dim: int,
         chunk_size: int,
         jvp_path: str | None = None,
         vjp_path: str | None = None,
         ruled_chunk_size: int | None = None,
     ) -> None:
         self.f = f
+        self.dim = dim  # D, the size of the flattened state
         self.ruled_f = ruled_f
         self.primals = tuple(primals)
         self.shapes = [p.shape for p in self.primals]
@@ -131,8 +134,10 @@ class Evaluator:
         return [p for p in every if rules or not p.rules]
 
     def _fn(self, path: Path) -> Callable[..., torch.Tensor]:
-        assert not path.rules or self.ruled_f is not None
-        return self.ruled_f if path.rules and self.ruled_f is not None else self.f
+        if not path.rules:
+            return self.f
+        assert self.ruled_f is not None  # rules paths are candidates only when there are rules
+        return self.ruled_f
 
     def _unflatten(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``(m, P)`` rows -> per-parameter tensors ``(m, *shape)``."""
@@ -158,7 +163,7 @@ class Evaluator:
             # J u as the VJP of the linear map w ↦ Jᵀw; built once per call (one forward, one
             # backward), then applied to every probe of every chunk
             if key not in cache:
-                w0 = torch.zeros(f(*self.primals).numel(), dtype=chunk.dtype, device=chunk.device)
+                w0 = torch.zeros(self.dim, dtype=chunk.dtype, device=chunk.device)
                 cache[key] = vjp(lambda w: vjp(f, *self.primals)[1](w), w0)[1]
             vjp2 = cache[key]
 

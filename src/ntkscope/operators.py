@@ -14,7 +14,6 @@ Blocks are columns throughout: ``vjp`` takes ``(D, m)`` and returns ``(P, m)``; 
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -44,20 +43,24 @@ _CHUNK_BYTES = 512 * 2**20
 _MAX_AUTO_CHUNK = 256
 
 
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory on ``device`` (CUDA: ``mem_get_info``; CPU: ``MemAvailable``), None if unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def chunk_budget_bytes(device: torch.device) -> int:
     """Memory one chunk of probes may use: ``_CHUNK_BYTES``, or less where the device has less
     than 8× that free (a sixteenth of free memory, at least 32 MiB)."""
-    free = None
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        try:
-            with open("/proc/meminfo") as fh:
-                for line in fh:
-                    if line.startswith("MemAvailable:"):
-                        free = int(line.split()[1]) * 1024
-        except OSError:
-            pass
+    free = available_bytes(device)
     if free is None or free >= 8 * _CHUNK_BYTES:
         return _CHUNK_BYTES
     return max(32 * 2**20, free // 16)
@@ -308,7 +311,7 @@ class NTK(FactoredKernel):
             fastest and falls back when a path fails (no forward-mode rule, ``vmap`` unsupported,
             oneDNN's LSTM forward-mode gap).
         rules: ``None`` (default) evaluates the submodules that have a batched-probe rule
-            (``nn.Linear``, the recurrent layers and cells; see :mod:`ntkscope.rules`) with it,
+            (the recurrent layers and cells; see :mod:`ntkscope.rules`) with it,
             wherever they sit in the model, after checking each mode once against the generic
             path; ``False`` never does; ``True`` requires some rule to apply.  ``fast`` is the
             same switch under its former name.
@@ -347,28 +350,20 @@ class NTK(FactoredKernel):
         args, kwargs = _split_inputs(inputs)
         self.param_names = names
 
-        def fn(*tensors: torch.Tensor) -> torch.Tensor:
-            values = dict(fixed)
-            values.update(zip(names, tensors))
-            values.update(buffers)
-            out = functional_call(module, values, args, kwargs, strict=False)
-            return _select_output(out, output)
+        def state_fn(net: nn.Module) -> Callable[..., torch.Tensor]:
+            def fn(*tensors: torch.Tensor) -> torch.Tensor:
+                values = dict(fixed)
+                values.update(zip(names, tensors))
+                values.update(buffers)
+                return _select_output(functional_call(net, values, args, kwargs, strict=False), output)
 
-        ruled_fn = None
-        self.rules = []
-        if rules is not False:
-            ruled, self.rules = _rules.substitute(module)
-            if ruled is not None:
+            return fn
 
-                def ruled_fn(*tensors: torch.Tensor) -> torch.Tensor:
-                    values = dict(fixed)
-                    values.update(zip(names, tensors))
-                    values.update(buffers)
-                    return _select_output(functional_call(ruled, values, args, kwargs, strict=False), output)
-
+        ruled, self.rules = _rules.substitute(module) if rules is not False else (None, [])
+        ruled_fn = None if ruled is None else state_fn(ruled)
         if rules is True and ruled_fn is None:
             raise ValueError(f"rules=True: no submodule of this {type(model).__name__} has a rule (see ntkscope.rules for the supported modules)")
-        self._init_function(fn, primals, chunk_size, jvp_path, vjp_path, what=type(model).__name__, ruled_fn=ruled_fn)
+        self._init_function(state_fn(module), primals, chunk_size, jvp_path, vjp_path, what=type(model).__name__, ruled_fn=ruled_fn)
 
     @classmethod
     def from_function(
@@ -470,8 +465,6 @@ class NTK(FactoredKernel):
                     f"{what} is random: two forward passes on the same inputs differ (e.g. dropout in training "
                     "mode), so its NTK is not defined: call model.eval() or remove the randomness first"
                 )
-        if z.numel() == 0:
-            raise ValueError("the state is empty")
         self.state_shape = tuple(z.shape)
         self.state = z.detach()
         super().__init__(z.numel(), self.primals[0].dtype, z.device)
@@ -485,7 +478,7 @@ class NTK(FactoredKernel):
         #: probes per vectorised batch (of the rules' paths where rules apply)
         self.chunk_size = ruled_chunk or generic_chunk
         flat_ruled = None if ruled_fn is None else (lambda *t: ruled_fn(*t).reshape(-1))
-        self._evaluator = Evaluator(self._f, self.primals, flat_ruled, generic_chunk, jvp_path, vjp_path, ruled_chunk_size=ruled_chunk)
+        self._evaluator = Evaluator(self._f, self.primals, flat_ruled, self.dim, generic_chunk, jvp_path, vjp_path, ruled_chunk_size=ruled_chunk)
         self._pass_seconds: dict[str, float] = {}
 
     def _default_chunk(self, fn: Callable[..., torch.Tensor], rules: bool = False) -> int:
@@ -673,8 +666,7 @@ def _analysis_module(model: nn.Module) -> nn.Module:
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats]
     if not norms:
         return model
-    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
-    clone = copy.deepcopy(model, memo)
+    clone = _rules.shared_copy(model)
     for m in clone.modules():
         if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats:
             m.running_mean = None

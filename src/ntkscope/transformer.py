@@ -37,7 +37,6 @@ chunk drops to 1 and memory stays ``O(activations + P)`` whatever the number of 
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -47,8 +46,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .operators import NTK, _split_inputs, _tensors
-from .rules import math_attention
+from .operators import NTK, _split_inputs, _tensors, available_bytes
+from .rules import math_attention, shared_copy
 
 __all__ = ["transformer_ntk", "TransformerNTK", "plan_memory", "select_axes", "AXIS_ALIASES"]
 
@@ -243,9 +242,8 @@ class TransformerNTK(NTK):
 
 def _eval_copy(model: nn.Module) -> nn.Module:
     """A shallow copy in eval mode that shares every parameter and buffer (the model is untouched)."""
-    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
     try:
-        clone = copy.deepcopy(model, memo)
+        clone = shared_copy(model)
     except Exception as e:  # a module holding something that cannot be copied
         raise TypeError(f"cannot make an analysis copy of {type(model).__name__} ({e})") from e
     return clone.eval()
@@ -443,16 +441,8 @@ def _finite_view(obj: Any) -> Any:
 
 
 def _available_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 4 * 2**30
+    free = available_bytes(device)
+    return 4 * 2**30 if free is None else free
 
 
 def activation_bytes(ntk: NTK) -> int:

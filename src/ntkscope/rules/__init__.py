@@ -61,6 +61,7 @@ __all__ = [
     "measure_probe_numel",
     "linear_forward",
     "analysis_copy",
+    "shared_copy",
 ]
 
 Forward = Callable[..., Any]
@@ -120,6 +121,24 @@ def rule_names(model: nn.Module) -> list[str]:
     return [f"{n or '(model)'}: {type(m).__name__}" for n, m in model.named_modules() if _rule_for(m) is not None]
 
 
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` that shares every parameter and buffer tensor with it: only the module
+    objects are new, so an analysis can rebind their attributes or classes (no memory, and the
+    user's model is untouched).  Raises what ``copy.deepcopy`` raises."""
+    memo: dict[int, Any] = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def _swap(model: nn.Module, table: dict[type, tuple[Forward, Callable[[nn.Module], bool]]]) -> nn.Module:
+    """A :func:`shared_copy` whose submodules found in ``table`` evaluate with its forwards."""
+    clone = shared_copy(model)
+    for m in clone.modules():
+        found = _find(table, m)
+        if found is not None:
+            m.__class__ = _ruled_class(type(m), found[1])
+    return clone
+
+
 def substitute(model: nn.Module) -> tuple[nn.Module | None, list[str]]:
     """An analysis copy of ``model`` whose supported submodules evaluate with rules, sharing
     every parameter and buffer tensor with ``model`` (which is not changed), and the list of
@@ -127,16 +146,10 @@ def substitute(model: nn.Module) -> tuple[nn.Module | None, list[str]]:
     names = rule_names(model)
     if not names:
         return None, []
-    memo: dict[int, Any] = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
     try:
-        clone = copy.deepcopy(model, memo)
+        return _swap(model, _RULES), names
     except Exception:  # something in the model cannot be copied: no rules, the generic path
         return None, []
-    for m in clone.modules():
-        found = _rule_for(m)
-        if found is not None:
-            m.__class__ = _ruled_class(type(m), found[1])
-    return clone, names
 
 
 def _embedding_forward(module: nn.Embedding, original: Forward, input: Any) -> Any:
@@ -162,13 +175,7 @@ def analysis_copy(model: nn.Module) -> nn.Module:
     Every evaluation path uses it, so JVP- and VJP-based estimates agree."""
     if not any(_find(_SEMANTIC, m) for m in model.modules()):
         return model
-    memo: dict[int, Any] = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
-    clone = copy.deepcopy(model, memo)
-    for m in clone.modules():
-        found = _find(_SEMANTIC, m)
-        if found is not None:
-            m.__class__ = _ruled_class(type(m), found[1])
-    return clone
+    return _swap(model, _SEMANTIC)
 
 
 def _find(table: dict[type, tuple[Forward, Callable[[nn.Module], bool]]], module: nn.Module) -> tuple[type, Forward] | None:
