@@ -14,7 +14,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["prefixed"]
+__all__ = ["prefixed", "monitor_settings"]
+
+
+def monitor_settings(every_n_steps: Any, **kw: Any) -> dict[str, Any]:
+    """The :class:`~ntkscope.Monitor` keyword arguments of a callback (``every`` from
+    ``every_n_steps``, which must be a positive integer), shared by both callbacks."""
+    if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+        raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps!r}")
+    return dict(kw, every=every_n_steps)
 
 
 def prefixed(row: Mapping[str, Any], prefix: str = "ntk/") -> dict[str, float]:

@@ -39,7 +39,7 @@ except ImportError:  # the standalone package name
 from torch import nn
 
 from ..monitor import DEFAULT_METRICS, Monitor
-from . import prefixed
+from . import monitor_settings, prefixed
 
 __all__ = ["NTKCallback"]
 
@@ -78,20 +78,11 @@ class NTKCallback(pl.Callback):
         path: str | Path | None = None,
         probe_parallel: bool = False,
     ) -> None:
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps!r}")
         self.inputs = inputs
         self.targets = targets
         self.model = model
-        self.kw: dict[str, Any] = dict(
-            output=output,
-            metrics=metrics,
-            every=every_n_steps,
-            num_probes=num_probes,
-            method=method,
-            seed=seed,
-            loggers=loggers,
-            path=path,
+        self.kw: dict[str, Any] = monitor_settings(
+            every_n_steps, output=output, metrics=metrics, num_probes=num_probes, method=method, seed=seed, loggers=loggers, path=path
         )
         self.probe_parallel = probe_parallel
         self.monitor: Monitor | None = None

@@ -34,7 +34,7 @@ from typing import Any
 from transformers import Trainer, TrainerCallback
 
 from ..monitor import DEFAULT_METRICS, Monitor
-from . import prefixed
+from . import monitor_settings, prefixed
 
 __all__ = ["NTKCallback"]
 
@@ -88,19 +88,10 @@ class NTKCallback(TrainerCallback):
         trainer: Trainer | None = None,
         resume_state: Mapping[str, Any] | None = None,
     ) -> None:
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps!r}")
         self.inputs = inputs
         self.targets = targets
-        self.kw: dict[str, Any] = dict(
-            output=output,
-            metrics=metrics,
-            every=every_n_steps,
-            num_probes=num_probes,
-            method=method,
-            seed=seed,
-            loggers=loggers,
-            path=path,
+        self.kw: dict[str, Any] = monitor_settings(
+            every_n_steps, output=output, metrics=metrics, num_probes=num_probes, method=method, seed=seed, loggers=loggers, path=path
         )
         self.probe_parallel = probe_parallel
         self.trainer = trainer
