@@ -31,8 +31,8 @@ from typing import Any
 import torch
 
 import ntkscope as nk
-from ntkscope import exact as ex
-from ntkscope import spectrum as sp
+from ntkscope.estimators import exact as ex
+from ntkscope.metrics import spectrum as sp
 from ntkscope.tasks import jacobian_with_spectrum
 
 RESULTS = Path(__file__).parent / "results"

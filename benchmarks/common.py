@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import ntkscope as nk
-from ntkscope import exact as ex
+from ntkscope.estimators import exact as ex
 
 
 def mlp_setting(n: int = 50, d_in: int = 100, width: int = 64, layers: int = 15, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import ntkscope as nk
-from ntkscope import exact as ex
+from ntkscope.estimators import exact as ex
 
 RESULTS = Path(__file__).parent / "results"
 

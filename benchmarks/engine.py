@@ -40,7 +40,7 @@ from torch.func import functional_call, jvp, vjp, vmap
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ntkscope as nk  # noqa: E402
 from common import count_flops, gemm_gflops  # noqa: E402
-from ntkscope.rules import math_attention  # noqa: E402
+from ntkscope.operators.rules import math_attention  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results"
 

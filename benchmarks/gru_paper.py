@@ -2,7 +2,7 @@
 
 Setting (from the reference code): ``torch.manual_seed(0)``; ``x = randn(50, 15, 10)`` drawn
 first; ``nn.GRU(10, 64)`` sequence-first; state = the output sequence (the hidden trajectory):
-D = 50·15·64 = 48,000, P = 14,592.  The NTK is built with :func:`ntkscope.recurrent.hidden_ntk`.
+D = 50·15·64 = 48,000, P = 14,592.  The NTK is built with :func:`ntkscope.models.recurrent.hidden_ntk`.
 
 Sections (``--only`` picks some):
 
@@ -18,7 +18,7 @@ Sections (``--only`` picks some):
   seconds per pass.
 * ``dge5`` — a GRU with D = 102,400 ≥ 10⁵ hidden-state entries: trace, Frobenius norm and
   effective rank to 2 % relative standard error, plus the per-time-step trace / effective rank
-  curves and the time-block Frobenius map (:func:`ntkscope.structure.structure`), one set of
+  curves and the time-block Frobenius map (:func:`ntkscope.metrics.structure.structure`), one set of
   JVP probes for all of it; wall time end to end.
 
 Outputs in ``benchmarks/results/``: ``gru_paper[_quick].json``, ``gru_paper[_quick].md`` and
@@ -45,10 +45,10 @@ from torch import nn
 
 import ntkscope as nk
 from ntkscope import estimators as est
-from ntkscope import exact as ex
-from ntkscope.probes import Probe, ProbeStream
-from ntkscope.recurrent import hidden_ntk
-from ntkscope.structure import structure
+from ntkscope.core.probes import Probe, ProbeStream, Stream
+from ntkscope.estimators import exact as ex
+from ntkscope.metrics.structure import structure
+from ntkscope.models.recurrent import hidden_ntk
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = ("hutchpp", "jvp", "vjp", "xtrace")
@@ -114,7 +114,7 @@ def budget_section(K: nk.NTK, budgets: list[int], seeds: int, reference: Callabl
     for s in range(seeds):
         for side in ("jvp", "vjp"):
             dim = K.num_params if side == "jvp" else K.dim
-            stream = ProbeStream(dim, Probe.RADEMACHER, s, est.MAIN, K.dtype, K.device)
+            stream = ProbeStream(dim, Probe.RADEMACHER, s, Stream.MAIN, K.dtype, K.device)
             t0 = time.perf_counter()
             samples = est.onesided(K, side, stream.columns, M, keep=False).to(torch.float64)
             sec = (time.perf_counter() - t0) / M

@@ -1,7 +1,7 @@
 """Rich vs lazy training (Chizat, Oyallon & Bach 2019): how far the NTK moves, against the scale α.
 
 Each model is trained in the α-scaled form ``f_α = α (f(θ) − f(θ₀))`` on the loss ``L(f_α)/α²``
-(:class:`ntkscope.lazy.AlphaScaled`) with plain SGD at one learning rate for every α, from the
+(:class:`ntkscope.models.lazy.AlphaScaled`) with plain SGD at one learning rate for every α, from the
 same initialisation.  At checkpoints during training we measure, on fixed held-out inputs,
 
 * the kernel alignment ``⟨K_t, K_0⟩_F / (‖K_t‖_F ‖K_0‖_F)`` of the inner model's NTK (the NTK of
@@ -37,7 +37,7 @@ from torch import nn
 
 import ntkscope as nk
 from ntkscope import tasks
-from ntkscope.lazy import AlphaScaled
+from ntkscope.models.lazy import AlphaScaled
 
 RESULTS = Path(__file__).parent / "results"
 ALPHAS = [0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0]

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common as C  # noqa: E402
 import ntkscope as nk  # noqa: E402
-from ntkscope import exact as ex  # noqa: E402
+from ntkscope.estimators import exact as ex  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METRICS = {"trace": nk.trace, "frobenius_norm": nk.frobenius_norm, "effective_rank": nk.effective_rank}

@@ -42,9 +42,9 @@ import torch
 
 import ntkscope as nk
 from ntkscope import estimators as est
-from ntkscope.metrics import Part, combine
-from ntkscope.probes import Probe, ProbeStream
-from ntkscope.transformer import transformer_ntk
+from ntkscope.core.jackknife import Part, combine
+from ntkscope.core.probes import Probe, ProbeStream, Stream
+from ntkscope.models.transformer import transformer_ntk
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -129,7 +129,7 @@ def layer_groups(names: list[str], prefix: str, layers: int, kind: str) -> dict[
 def hutchinson(K: Any, m: int, seed: int = 0) -> dict[str, Any]:
     """Two-sided Hutchinson on K (a VJP and a JVP per probe, no storage across probes):
     ``vᵀKv`` and ``‖Kv‖²`` per probe → trace, ‖K‖_F and effective rank with jackknife errors."""
-    stream = ProbeStream(K.dim, Probe.RADEMACHER, seed, est.MAIN, K.dtype, K.device)
+    stream = ProbeStream(K.dim, Probe.RADEMACHER, seed, Stream.MAIN, K.dtype, K.device)
     c0 = K.counts()
     reset = _reset_peak()
     t0 = time.perf_counter()

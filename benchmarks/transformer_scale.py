@@ -3,7 +3,7 @@
 Each size runs in a fresh subprocess (clean peak-memory accounting): a ``GPT2LMHeadModel`` built
 from a config with random weights (no download), float32, analysed in eval mode; the state is the
 logits of ``batch × time`` tokens (axes ``batch, time, vocab``: D = B·T·V).  The AD side and
-chunk size come from :func:`ntkscope.transformer.plan_memory` (VJP when D ≤ P); the script
+chunk size come from :func:`ntkscope.models.transformer.plan_memory` (VJP when D ≤ P); the script
 records the plan, seconds per pass, the estimate with its standard error, and the peak resident
 memory during the estimate (Linux ``VmHWM`` after a reset; on CUDA, ``max_memory_allocated``)
 next to the memory the model itself holds.
@@ -62,7 +62,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from ntkscope import trace
-    from ntkscope.transformer import transformer_ntk
+    from ntkscope.models.transformer import transformer_ntk
 
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])

@@ -41,7 +41,7 @@ from torch import nn
 
 from ntkscope import NTK
 from ntkscope import differentiable as dn
-from ntkscope import exact as ex
+from ntkscope.estimators import exact as ex
 from ntkscope.tasks import digits
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import ntkscope as nk
-from ntkscope import exact as ex
-from ntkscope.adaptive import ConvergenceWarning
+from ntkscope.estimators import exact as ex
+from ntkscope.metrics.adaptive import ConvergenceWarning
 from ntkscope.tasks import jacobian_with_spectrum
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 import ntkscope as nk
-from ntkscope import demo
-from ntkscope.track import read_rows
+from ntkscope.cli import demo
+from ntkscope.cli.track import read_rows
 
 USER_FILE = textwrap.dedent(
     """
@@ -201,7 +201,7 @@ def test_track_sigint_then_resume_equals_uninterrupted(user_file: Path, tmp_path
 def _run_in_process(*args: str) -> tuple[int, str]:
     from typer.testing import CliRunner
 
-    from ntkscope.cli import app
+    from ntkscope.cli.app import app
 
     r = CliRunner().invoke(app, list(args))
     return r.exit_code, r.stderr

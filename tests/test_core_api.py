@@ -14,7 +14,7 @@ from torch import nn
 
 import models as Z
 import ntkscope as nk
-from ntkscope import exact as ex
+from ntkscope.estimators import exact as ex
 
 TWO_SIDED = ["exact", "hutchinson", "hutchpp", "xtrace", "auto"]
 ALL_METHODS = ["exact", "hutchinson", "hutchpp", "xtrace", "vjp", "jvp", "vjp_proj", "jvp_proj", "auto"]

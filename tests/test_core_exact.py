@@ -8,8 +8,9 @@ import torch
 
 import models as Z
 import ntkscope as nk
-from ntkscope import exact as ex
-from ntkscope.operators import _JVP_PATHS, _VJP_PATHS
+from ntkscope.estimators import exact as ex
+from ntkscope.operators.evaluators import JVP_PATHS as _JVP_PATHS
+from ntkscope.operators.evaluators import VJP_PATHS as _VJP_PATHS
 
 F64 = [f(torch.float64) for f in Z.FACTORIES.values()]
 F32 = [f(torch.float32) for f in Z.FACTORIES.values()]

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import ntkscope as nk
-from ntkscope import exact as ex
+from ntkscope.estimators import exact as ex
 from ntkscope.tasks import jacobian_with_spectrum
 
 SEEDS = 200

@@ -25,7 +25,7 @@ from torch import nn
 
 import ntkscope as nk
 from ntkscope import distributed as ntd
-from ntkscope import exact as ex
+from ntkscope.estimators import exact as ex
 
 N = 25  # samples: uneven shards over 2 or 3 ranks
 

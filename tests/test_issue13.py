@@ -18,8 +18,8 @@ import torch
 from matplotlib.figure import Figure
 
 import ntkscope as nk
-from ntkscope import exact as ex
-from ntkscope import plot
+from ntkscope.cli import plot
+from ntkscope.estimators import exact as ex
 from ntkscope.tasks import jacobian_with_spectrum
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -45,7 +45,7 @@ def _cli(*args: str, cwd: Path, timeout: float = 120) -> _Result:
     """The command line in-process (typer's runner: same exit codes and streams, no interpreter start-up)."""
     from typer.testing import CliRunner
 
-    from ntkscope.cli import app
+    from ntkscope.cli.app import app
 
     old = os.getcwd()
     os.chdir(cwd)

@@ -1,4 +1,4 @@
-"""ntkscope.lazy.AlphaScaled: the centred, α-scaled model of Chizat, Oyallon & Bach (2019)."""
+"""ntkscope.models.lazy.AlphaScaled: the centred, α-scaled model of Chizat, Oyallon & Bach (2019)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import ntkscope as nk
-from ntkscope import exact as ex
-from ntkscope.lazy import AlphaScaled
+from ntkscope.estimators import exact as ex
+from ntkscope.models.lazy import AlphaScaled
 
 
 def _net(seed: int = 0) -> nn.Module:

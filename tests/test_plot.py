@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 from matplotlib.image import imread
 
 import ntkscope as nk
-from ntkscope import plot
+from ntkscope.cli import plot
 
 
 def _png(path: Path, min_w: int = 300, min_h: int = 200) -> np.ndarray:

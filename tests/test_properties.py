@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ntkscope as nk
-from ntkscope.adaptive import ConvergenceWarning
+from ntkscope.metrics.adaptive import ConvergenceWarning
 
 SETTINGS = settings(
     max_examples=25, deadline=5000, derandomize=True, suppress_health_check=[HealthCheck.too_slow], database=None

@@ -15,9 +15,9 @@ from torch import nn
 from torch.func import jacrev
 
 import ntkscope as nk
-from ntkscope import exact as ex
-from ntkscope.recurrent import RecurrentNTK, hidden_ntk, step_ntk
-from ntkscope.structure import structure
+from ntkscope.estimators import exact as ex
+from ntkscope.metrics.structure import structure
+from ntkscope.models.recurrent import RecurrentNTK, hidden_ntk, step_ntk
 
 DT = torch.float64
 

@@ -1,4 +1,4 @@
-"""The per-module batched-probe rules (ntkscope.rules) equal the generic torch.func path, in
+"""The per-module batched-probe rules (ntkscope.operators.rules) equal the generic torch.func path, in
 float64 to 1e-10: per module (every recurrent configuration, cells, Linear) and composed in
 models as users write them (wrapped, stacked, with readouts, residuals, shared modules)."""
 
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import ntkscope as nk
-from ntkscope import rules
+from ntkscope.operators import rules
 
 DT = torch.float64
 
@@ -283,7 +283,7 @@ def test_chunk_size_follows_memory() -> None:
 def test_embedding_padding_row_has_one_jacobian() -> None:
     """PyTorch's backward never updates an Embedding's padding row; the JVP must not move it
     either, or J·u and Jᵀ·v describe different Jacobians (found on Hugging Face BERT)."""
-    from ntkscope import exact as ex
+    from ntkscope.estimators import exact as ex
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(7, 4, padding_idx=0), nn.Tanh(), nn.Linear(4, 2)).to(DT)

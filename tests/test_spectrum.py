@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import ntkscope as nk
-from ntkscope import exact as ex
-from ntkscope import spectrum as sp
+from ntkscope.estimators import exact as ex
+from ntkscope.metrics import spectrum as sp
 from ntkscope.tasks import jacobian_with_spectrum
 
 LAM = 0.8 ** torch.arange(60, dtype=torch.float64)  # geometric decay

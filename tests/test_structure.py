@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ntkscope as nk
-from ntkscope.structure import (
+from ntkscope.metrics.structure import (
     MAX_PAIR_BLOCKS,
     _from_blocks,
     _to_blocks,

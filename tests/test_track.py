@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from ntkscope import track as tr
-from ntkscope.demo import Spec
+from ntkscope.cli import track as tr
+from ntkscope.cli.demo import Spec
 
 
 def _spec(seed: int = 0) -> Spec:

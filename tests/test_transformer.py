@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from ntkscope import exact as ex
 from ntkscope import frobenius_norm, trace
-from ntkscope.probes import Probe, ProbeStream
-from ntkscope.transformer import select_axes, transformer_ntk
+from ntkscope.core.probes import Probe, ProbeStream
+from ntkscope.estimators import exact as ex
+from ntkscope.models.transformer import select_axes, transformer_ntk
 
 
 def dense_jacobian(f, params: list[torch.Tensor]) -> torch.Tensor:
@@ -162,7 +162,7 @@ def test_gpt2_heads_and_hidden_states(gpt2):
 
 def test_named_axes_feed_the_structure_module(gpt2):
     """Transformer axes use the recurrent vocabulary, so per-head / per-token partial traces work."""
-    from ntkscope.structure import structure
+    from ntkscope.metrics.structure import structure
 
     ids = torch.randint(0, 11, (1, 4), generator=torch.Generator().manual_seed(2))
     K = transformer_ntk(gpt2, ids, state="heads", layer=0)

@@ -16,22 +16,24 @@ Public API (the contract other tools build on):
 * :class:`Monitor` — NTK metrics inside your own training loop, to CSV, TensorBoard, W&B or a
   callable; Lightning and Hugging Face callbacks in ``ntkscope.integrations``.
 * Submodules: ``ntkscope.differentiable`` (statistics as training losses),
-  ``ntkscope.distributed`` (torch.distributed probe- and data-parallel), ``ntkscope.plot``,
-  ``ntkscope.tasks`` (built-in data and models), ``ntkscope.exact`` (dense reference),
-  ``ntkscope.lazy`` (the α-scaled model of lazy/rich training).
+  ``ntkscope.distributed`` (torch.distributed probe- and data-parallel), ``ntkscope.cli.plot``,
+  ``ntkscope.tasks`` (built-in data and models), ``ntkscope.estimators.exact`` (dense reference),
+  ``ntkscope.models.lazy`` (the α-scaled model of lazy/rich training).
 """
 
-from .adaptive import ConvergenceWarning
-from .blocks import ParameterBlocks, parameter_blocks
-from .estimate import Estimate
-from .metrics import Method, alignment, choose_method, effective_rank, frobenius_norm, target_alignment, trace
+from . import distributed as distributed  # registers the probe-parallel default executor
+from .core.estimate import Estimate
+from .core.probes import Probe
+from .metrics.adaptive import ConvergenceWarning
+from .metrics.api import Method, alignment, choose_method, effective_rank, frobenius_norm, target_alignment, trace
+from .metrics.blocks import ParameterBlocks, parameter_blocks
+from .metrics.spectrum import entropy_effective_rank, spectral_density, top_eigenvalues
+from .metrics.structure import block_effective_rank, block_frobenius, block_traces, structure
+from .models.recurrent import RecurrentNTK, hidden_ntk, step_ntk
+from .models.transformer import transformer_ntk
 from .monitor import Monitor
-from .operators import NTK, CallableOperator, DenseOperator, FactoredKernel, KernelOperator, as_operator
-from .probes import Probe
-from .recurrent import RecurrentNTK, hidden_ntk, step_ntk
-from .spectrum import entropy_effective_rank, spectral_density, top_eigenvalues
-from .structure import block_effective_rank, block_frobenius, block_traces, structure
-from .transformer import transformer_ntk
+from .operators.base import CallableOperator, DenseOperator, FactoredKernel, KernelOperator, as_operator
+from .operators.ntk import NTK
 
 __version__ = "0.1.0"
 

@@ -1,6 +1,6 @@
 """``python -m ntkscope``: the command line (see :mod:`ntkscope.cli`)."""
 
-from .cli import main
+from .cli.app import main
 
 if __name__ == "__main__":
     main()

@@ -40,9 +40,9 @@ import torch
 from torch import nn
 from torch.func import functional_call, jvp, vjp, vmap
 
-from .operators import _check_no_dropout, _select_output, _split_inputs
-from .probes import Probe, ProbeStream, parse_probe
-from .transformer import math_attention
+from .core.probes import Probe, ProbeStream, parse_probe
+from .models.transformer import math_attention
+from .operators.modules import _check_no_dropout, _select_output, _split_inputs
 
 __all__ = [
     "draw_probes",
@@ -151,7 +151,7 @@ def ntk_vectors(
     respect to other values.  Parameters not in ``params`` and buffers are the model's.
     ``output`` picks the state as in :class:`ntkscope.NTK`.  Dropout must be off (eval mode):
     the NTK of a random map is not defined.  Attention runs on the ``MATH`` SDPA backend (the
-    fused kernels have no double backward), see :mod:`ntkscope.transformer`.
+    fused kernels have no double backward), see :mod:`ntkscope.models.transformer`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -200,7 +200,7 @@ def frobenius_sq_estimate(A: torch.Tensor, B: torch.Tensor | None = None) -> tor
     With one block ``A``: the U-statistic ``mean_{i≠j} (a_i·a_j)²``.  With a second block ``B``
     from an *independent* probe set on the same side: ``mean_{i,j} (a_i·b_j)²`` (all pairs).
     Leading variance ``8‖K²‖_F²/m`` for Gaussian probes (see
-    :func:`ntkscope.estimators.pair_mean_loo`); ``O(m²·P)`` for the Gram, no extra AD passes.
+    :func:`ntkscope.core.jackknife.pair_mean_loo`); ``O(m²·P)`` for the Gram, no extra AD passes.
     """
     if B is None:
         return offdiag_mean((A @ A.T).square())

@@ -6,10 +6,10 @@ Two ways to spread the work over processes (launched by ``torchrun`` or
 **Probe-parallel** (:func:`probe_parallel`, :class:`ProbeParallel`).  Every estimator evaluates
 its probes through :func:`ntkscope.estimators.map_probes` ("evaluate rows ``0..m-1`` chunk by
 chunk").  The probe-parallel executor gives each rank a disjoint, contiguous range of probe
-indices (aligned to the probe generator's blocks of :data:`~ntkscope.probes.BLOCK` columns once
+indices (aligned to the probe generator's blocks of :data:`~ntkscope.core.probes.BLOCK` columns once
 ``m`` is large enough), evaluates it locally and all-gathers the per-probe rows, so that every
 rank holds exactly the tensor a single process would have computed.  Probe column ``j`` depends
-only on ``(seed, stream, j)`` (:mod:`ntkscope.probes`), hence every rank returns the same
+only on ``(seed, stream, j)`` (:mod:`ntkscope.core.probes`), hence every rank returns the same
 estimate, equal to the single-process one for the same seed and ``num_probes`` up to float
 rounding, whatever the number of ranks.  Hutch++ and XTrace gather their sketch before the QR
 step (it is a ``map_probes`` call like any other); the small dense algebra after a gather is
@@ -74,9 +74,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import estimators as est
-from .operators import NTK, FactoredKernel
-from .probes import BLOCK
+from .core import executor
+from .core.probes import BLOCK
+from .operators.base import FactoredKernel
+from .operators.ntk import NTK
 
 __all__ = [
     "init_from_env",
@@ -241,7 +242,7 @@ def split_probes(m: int, n: int) -> list[int]:
     """Boundaries ``b_0 = 0 ≤ … ≤ b_n = m`` of the contiguous probe ranges of n ranks.
 
     Ranges are balanced; once every rank gets at least 8 blocks the boundaries are rounded to
-    whole probe blocks (:data:`~ntkscope.probes.BLOCK` columns, generated together), which moves
+    whole probe blocks (:data:`~ntkscope.core.probes.BLOCK` columns, generated together), which moves
     each boundary by at most half a block (≤ 1/8 imbalance) and avoids drawing a block twice.
     """
     bounds = [r * m // n for r in range(n + 1)]
@@ -265,12 +266,12 @@ class ProbeParallel:
         self.rank = dist.get_rank(group)
         self.stats = CommStats()
 
-    def __call__(self, m: int, chunk: int, fn: est.ProbeFn) -> torch.Tensor:
+    def __call__(self, m: int, chunk: int, fn: executor.ProbeFn) -> torch.Tensor:
         global _ACTIVE
         # a map_probes nested inside another's rows runs locally: ranks are on different rows there
         if self.size == 1 or m == 0 or _ACTIVE is not None:
             t = time.perf_counter()
-            out = est.local_executor(m, chunk, fn)
+            out = executor.local_executor(m, chunk, fn)
             self.stats.compute_s += time.perf_counter() - t
             self.stats.rows += m
             return out
@@ -345,29 +346,29 @@ class ProbeParallel:
         return f"ProbeParallel(rank {self.rank} of {self.size})"
 
 
-def _explicit_local(m: int, chunk: int, fn: est.ProbeFn) -> torch.Tensor:
-    return est.local_executor(m, chunk, fn)
+def _explicit_local(m: int, chunk: int, fn: executor.ProbeFn) -> torch.Tensor:
+    return executor.local_executor(m, chunk, fn)
 
 
 @contextlib.contextmanager
 def probe_parallel(group: Group = None) -> Iterator[ProbeParallel]:
     """Run every metric inside the block probe-parallel over ``group`` (default: the world)."""
     ex = ProbeParallel(group)
-    token = est.EXECUTOR.set(ex)
+    token = executor.EXECUTOR.set(ex)
     try:
         yield ex
     finally:
-        est.EXECUTOR.reset(token)
+        executor.EXECUTOR.reset(token)
 
 
 @contextlib.contextmanager
 def local() -> Iterator[None]:
     """Evaluate every probe in this process (replicated work), even when distributed."""
-    token = est.EXECUTOR.set(_explicit_local)
+    token = executor.EXECUTOR.set(_explicit_local)
     try:
         yield
     finally:
-        est.EXECUTOR.reset(token)
+        executor.EXECUTOR.reset(token)
 
 
 _WORLD = object()
@@ -376,7 +377,7 @@ _default_group: Any = _WORLD
 _default_cache: dict[int, ProbeParallel] = {}
 
 
-def default_executor() -> est.Executor:
+def default_executor() -> executor.Executor:
     """The executor used when none was set: probe-parallel over the initialised world.
 
     After a :class:`ShardedNTK` was built, its layout's probe group instead (local evaluation when
@@ -384,14 +385,17 @@ def default_executor() -> est.Executor:
     that all ranks make in the same order.
     """
     if not is_initialized() or dist.get_world_size() == 1:
-        return est.local_executor
+        return executor.local_executor
     group = None if _default_group is _WORLD else _default_group
     if _default_group is None or (group is not None and dist.get_world_size(group) == 1):
-        return est.local_executor
+        return executor.local_executor
     key = id(group)
     if key not in _default_cache:
         _default_cache[key] = ProbeParallel(group)
     return _default_cache[key]
+
+
+executor.set_default_factory(default_executor)
 
 
 # -- data-parallel -------------------------------------------------------------------------------
@@ -468,7 +472,7 @@ class ShardedNTK(FactoredKernel):
         self.stats = CommStats()
         self._checked: set[int] = set()
         shape = tuple(getattr(op, "state_shape", (op.dim,)))
-        mine = (op.dim, op.num_params, str(op.dtype), int(getattr(op, "chunk_size", 64)), shape)
+        mine = (op.dim, op.num_params, str(op.dtype), op.chunk_size, shape)
         metas: list[Any] = [None] * dist.get_world_size(group)
         dist.all_gather_object(metas, mine, group=group)
         if len({m[1] for m in metas}) > 1 or len({m[2] for m in metas}) > 1:

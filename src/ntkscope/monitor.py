@@ -382,7 +382,7 @@ def _analysis_mode(model: nn.Module) -> Iterator[None]:
 @contextlib.contextmanager
 def isolated(model: nn.Module) -> Iterator[None]:
     """The state every record runs in, leaving no trace: see the module docstring."""
-    from .transformer import math_attention
+    from .models.transformer import math_attention
 
     with contextlib.ExitStack() as stack:
         stack.enter_context(_rng_preserved(model))
@@ -440,7 +440,7 @@ class Monitor:
         loggers: Sequence[Any] = ("csv",),
         path: str | Path | None = None,
     ) -> None:
-        from .metrics import _parse_method
+        from .metrics.api import _parse_method
 
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -493,14 +493,14 @@ class Monitor:
 
     def kernel(self, params: Mapping[str, torch.Tensor] | None = None) -> Any:
         """The NTK of the monitored model on the analysis inputs (at ``params`` if given)."""
-        from .operators import NTK
+        from .operators.ntk import NTK
 
         return NTK(self.model, self.inputs, output=self.output, params=params)
 
     def _resolve(self, method: str) -> str:
         if method != "auto":
             return method
-        from .metrics import effective_rank
+        from .metrics.api import effective_rank
 
         K = self.kernel(self.init)
         chosen = effective_rank(K, method="auto", num_probes=self.num_probes, seed=self.seed).method

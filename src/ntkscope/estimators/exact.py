@@ -1,0 +1,144 @@
+"""Exact reference: materialise J and K in chunks of basis vectors (small problems only).
+
+The cheapest exact path uses the smaller side: ``min(D, P)`` one-sided passes give J (VJPs of
+the D state basis vectors when D ≤ P, JVPs of the P parameter basis vectors otherwise).  The
+trace needs no storage at all: ``tr K = ‖J‖_F²`` summed chunk by chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+
+from ..operators.base import FactoredKernel, KernelOperator
+
+_T = TypeVar("_T")
+
+__all__ = ["jacobian", "kernel", "exact_trace", "exact_frobenius_sq", "exact_inner", "exact_quadratic"]
+
+
+def _basis_chunks(n: int, chunk: int, dtype: torch.dtype, device: torch.device):  # type: ignore[no-untyped-def]
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        E = torch.zeros(n, stop - start, dtype=dtype, device=device)
+        E[torch.arange(start, stop, device=device), torch.arange(stop - start, device=device)] = 1
+        yield start, stop, E
+
+
+def basis_chunks(op: KernelOperator, chunk: int):  # type: ignore[no-untyped-def]
+    """``(start, stop, E)`` over the identity's columns of ``op``'s dimension, ``chunk`` at a time."""
+    return _basis_chunks(op.dim, chunk, op.dtype, op.device)
+
+
+def _chunk(op: KernelOperator) -> int:
+    return op.chunk_size
+
+
+def _sides(op: FactoredKernel, side: str | None) -> list[str]:
+    """Sides to try, best first: the one whose basis is smaller (``min(D, P)`` passes).
+
+    No pilot passes: a side whose AD mode turns out unavailable raises ``RuntimeError`` and the
+    other side is tried (:meth:`NTK.modes` would spend timing passes to find out).
+    """
+    if side is not None:
+        if side not in ("vjp", "jvp"):
+            raise ValueError(f"side must be 'vjp' or 'jvp', got {side!r}")
+        return [side]
+    return ["vjp", "jvp"] if op.dim <= op.num_params else ["jvp", "vjp"]
+
+
+def _try_sides(op: FactoredKernel, side: str | None, fn: Callable[[str], _T]) -> _T:
+    sides = _sides(op, side)
+    for i, s in enumerate(sides):
+        try:
+            return fn(s)
+        except RuntimeError:  # this AD mode is unavailable for the model: use the other side
+            if i == len(sides) - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _jacobian_side(op: FactoredKernel, side: str) -> torch.Tensor:
+    if side == "vjp":
+        rows = [op.vjp(E).T for _, _, E in _basis_chunks(op.dim, _chunk(op), op.dtype, op.device)]
+        return torch.cat(rows, 0)
+    cols = [op.jvp(E) for _, _, E in _basis_chunks(op.num_params, _chunk(op), op.dtype, op.device)]
+    return torch.cat(cols, 1)
+
+
+def jacobian(op: FactoredKernel, side: str | None = None) -> torch.Tensor:
+    """The dense ``D × P`` Jacobian, from ``min(D, P)`` passes of the smaller side."""
+    return _try_sides(op, side, lambda s: _jacobian_side(op, s))
+
+
+def kernel(op: KernelOperator) -> torch.Tensor:
+    """The dense ``D × D`` kernel (``J Jᵀ`` for factored kernels, ``K I`` otherwise)."""
+    if isinstance(op, FactoredKernel):
+        J = jacobian(op)
+        return J @ J.T
+    return torch.cat([op.matmat(E) for _, _, E in _basis_chunks(op.dim, _chunk(op), op.dtype, op.device)], 1)
+
+
+def exact_trace(op: KernelOperator) -> float:
+    """``tr K`` without storing J or K."""
+    total = torch.zeros((), dtype=torch.float64)
+    if isinstance(op, FactoredKernel):
+
+        def side_trace(side: str) -> float:
+            n = op.dim if side == "vjp" else op.num_params
+            apply = op.vjp if side == "vjp" else op.jvp
+            acc = torch.zeros((), dtype=torch.float64)
+            for _, _, E in _basis_chunks(n, _chunk(op), op.dtype, op.device):
+                acc += apply(E).double().square().sum().cpu()
+            return float(acc)
+
+        return _try_sides(op, None, side_trace)
+    for start, stop, E in _basis_chunks(op.dim, _chunk(op), op.dtype, op.device):
+        total += op.matmat(E)[start:stop].double().diagonal().sum().cpu()
+    return float(total)
+
+
+def smaller_gram(J: torch.Tensor) -> torch.Tensor:
+    """``J Jᵀ`` or ``Jᵀ J``, whichever is smaller: the same nonzero spectrum as K."""
+    return J @ J.T if J.shape[0] <= J.shape[1] else J.T @ J
+
+
+def _small_gram(op: KernelOperator) -> torch.Tensor:
+    """K (D ≤ P) or G = JᵀJ (P < D): same nonzero spectrum, smaller matrix, in float64."""
+    if isinstance(op, FactoredKernel):
+        J = jacobian(op).double()
+        return smaller_gram(J)
+    return kernel(op).double()
+
+
+def exact_frobenius_sq(op: KernelOperator) -> float:
+    """``‖K‖_F² = tr K²``."""
+    return float(_small_gram(op).square().sum())
+
+
+def exact_inner(op1: KernelOperator, op2: KernelOperator) -> float:
+    """``⟨K1, K2⟩_F = tr(K1 K2)``, via ``‖J1ᵀ J2‖_F²`` when that is smaller."""
+    if isinstance(op1, FactoredKernel) and isinstance(op2, FactoredKernel):
+        J1, J2 = jacobian(op1).double(), jacobian(op2).double()
+        if J1.shape[1] * J2.shape[1] < J1.shape[0] ** 2:
+            return float((J1.T @ J2).square().sum())
+        return float(((J1 @ J1.T) * (J2 @ J2.T)).sum())
+    return float((kernel(op1).double() * kernel(op2).double()).sum())
+
+
+def exact_quadratic(op: KernelOperator, y: torch.Tensor) -> float:
+    """``yᵀ K y``: one VJP for a factored kernel (``‖Jᵀy‖²``), one matvec otherwise."""
+    y = y.to(device=op.device, dtype=op.dtype).reshape(-1)
+    if isinstance(op, FactoredKernel):
+        try:
+            return float(op.vjp(y).double().square().sum())
+        except RuntimeError:  # reverse mode unavailable: yᵀJ from the Jacobian by JVPs
+            return float((y.double() @ jacobian(op, "jvp").double()).square().sum())
+    return float((y.double() * op.matmat(y).double()).sum())
+
+
+def eigenvalues(op: KernelOperator) -> torch.Tensor:
+    """All nonzero-spectrum eigenvalues of K, descending (from the smaller Gram matrix)."""
+    return torch.linalg.eigvalsh(_small_gram(op)).flip(0)

@@ -1,0 +1,463 @@
+"""Structure of an NTK over named state axes: partial traces and block statistics, with error bars.
+
+The state of a kernel ``K = J Jᵀ`` is a tensor with named axes (e.g. ``("time", "batch",
+"hidden")`` for a recurrent trajectory, see :mod:`ntkscope.models.recurrent`).  Choosing ``keep`` axes
+splits the D state entries into G blocks (one per index of the kept axes; the other axes are
+traced over), so ``K`` has G × G blocks ``K_gh`` of size R × R (R = D / G).  In the spirit of
+neural-tangents' ``diagonal_axes``/``trace_axes``, but estimated without forming K:
+
+* ``trace[g] = tr K_gg`` — e.g. the per-time-step trace curve (``keep="time"``), per-sequence
+  traces (``keep="batch"``); ``total_trace = Σ_g tr K_gg = tr K``;
+* ``cross_trace[g, h] = tr K_gh = Σ_r K_(g,r),(h,r)`` — neural-tangents' ``trace_axes`` result
+  with the kept axes as kernel-pair axes;
+* ``frobenius[g, h] = ‖K_gh‖_F²`` (or its diagonal ``‖K_gg‖_F²``); ``Σ_gh ‖K_gh‖_F² = ‖K‖_F²``;
+* ``effective_rank[g] = (tr K_gg)² / ‖K_gg‖_F²`` and the whole kernel's ``(tr K)² / ‖K‖_F²``.
+
+Estimators (one set of probes yields every block at once):
+
+* ``method="jvp"`` (probes u ∈ R^P, one forward pass each; b = J u, ``b_g`` its block g):
+  ``E‖b_g‖² = tr K_gg`` and ``E b_g·b_h = tr K_gh`` (since ``E b bᵀ = K``); with
+  ``C^g_ij = b_{g,i}·b_{g,j} = u_iᵀ G_g u_j`` (``G_g = J_gᵀJ_g``) and independent probes i ≠ j,
+  ``E[C^g_ij C^h_ij] = E u_iᵀ G_g u_j u_jᵀ G_h u_i = tr(G_g G_h) = ‖J_g J_hᵀ‖_F² = ‖K_gh‖_F²``:
+  a U-statistic over pairs of the per-block Gram matrices (unbiased).
+* ``method="vjp"`` (probes z ∈ R^R placed in each block, G × m reverse passes; a_{g,i} = Jᵀ E_g z_i):
+  ``E a_{g,i}·a_{h,i} = E z_iᵀ K_gh z_i = tr K_gh`` and, for i ≠ j,
+  ``E (a_{g,i}·a_{h,j})² = E (z_iᵀ K_gh z_j)² = ‖K_gh‖_F²``.  Use it where forward mode is
+  unavailable, or where R ≪ P (then the block probe space is small and the variance low).
+* ``method="exact"``: the dense Jacobian from min(D, P) passes (small problems, tests).
+
+Errors: delete-one jackknife over probes for every entry (equal to ``std/√m`` for plain means;
+for the pair U-statistics and the ratios it accounts for the shared probes).  Ratios are biased
+at small m (O(1/m)); ``bias_corrected`` holds the jackknife correction.
+
+References: Hutchinson (1989); Hazelden, arXiv 2511.10796 (one-sided estimators); Novak et al.,
+"Fast finite width neural tangent kernel", ICML 2022 (``trace_axes``/``diagonal_axes``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .. import estimators as est
+from ..core.estimate import Estimate
+from ..core.probes import Probe, ProbeStream, Stream, parse_probe, resolve_seed
+from ..estimators import exact as ex
+from ..operators.base import FactoredKernel
+
+__all__ = ["BlockEstimate", "Structure", "structure", "block_traces", "block_frobenius", "block_effective_rank"]
+
+#: Largest number of blocks for which the G × G pair statistics are formed.
+MAX_PAIR_BLOCKS = 256
+
+
+@dataclass
+class BlockEstimate:
+    """Estimates of one quantity for every block (or pair of blocks), with error bars and cost.
+
+    Attributes:
+        values: float64 tensor over the block grid: the kept axes' sizes, twice for pair
+            quantities (``(T, T)`` for ``keep="time"``).
+        stderr: same shape; ``None`` for exact values.
+        axes: names of the grid axes (pair quantities repeat them, the second with a ``'``).
+        quantity, method, num_probes, jvp_passes, vjp_passes, seconds: as in :class:`Estimate`
+            (the passes are those of the whole :func:`structure` call that produced it).
+        bias_corrected: jackknife bias-corrected values (ratios), else None.
+    """
+
+    values: torch.Tensor
+    stderr: torch.Tensor | None
+    axes: tuple[str, ...]
+    quantity: str
+    method: str
+    num_probes: int
+    jvp_passes: int
+    vjp_passes: int
+    seconds: float
+    bias_corrected: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.values.shape)
+
+    @property
+    def rel_stderr(self) -> torch.Tensor | None:
+        return None if self.stderr is None else self.stderr / self.values.abs()
+
+    def estimate(self, *index: int) -> Estimate:
+        """One entry as an :class:`Estimate`."""
+        se = None if self.stderr is None else float(self.stderr[index])
+        return Estimate(
+            float(self.values[index]),
+            se,
+            self.jvp_passes,
+            self.vjp_passes,
+            self.num_probes,
+            self.method,
+            self.seconds,
+            f"{self.quantity}{list(index)}",
+            self.stderr is None,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "quantity": self.quantity,
+            "axes": list(self.axes),
+            "values": self.values.tolist(),
+            "stderr": None if self.stderr is None else self.stderr.tolist(),
+            "method": self.method,
+            "num_probes": self.num_probes,
+            "jvp_passes": self.jvp_passes,
+            "vjp_passes": self.vjp_passes,
+            "seconds": self.seconds,
+        }
+
+
+@dataclass
+class Structure:
+    """Everything :func:`structure` computes from one probe set."""
+
+    keep: tuple[str, ...]
+    grid: tuple[int, ...]
+    trace: BlockEstimate
+    frobenius: BlockEstimate  # ‖K_gh‖_F² over pairs, or ‖K_gg‖_F² (pairs=False)
+    effective_rank: BlockEstimate
+    cross_trace: BlockEstimate | None
+    total_trace: Estimate
+    total_frobenius_sq: Estimate
+    total_effective_rank: Estimate
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+# -- axes --------------------------------------------------------------------------------------
+
+
+def _resolve_axes(
+    K: FactoredKernel, axes: Sequence[str] | None, shape: Sequence[int] | None
+) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    shp = tuple(int(s) for s in (shape if shape is not None else getattr(K, "state_shape", (K.dim,))))
+    names = tuple(axes) if axes is not None else tuple(getattr(K, "axes", ()))
+    if not names:
+        raise ValueError("the kernel's state axes have no names: pass axes=(...) (and shape=(...) if needed)")
+    if len(names) != len(shp) or len(set(names)) != len(names):
+        raise ValueError(f"axes {names} must be distinct names, one per state axis of shape {shp}")
+    if math.prod(shp) != K.dim:
+        raise ValueError(f"shape {shp} has {math.prod(shp)} entries but the kernel's state has {K.dim}")
+    return names, shp
+
+
+def _keep_index(names: tuple[str, ...], keep: str | Sequence[str]) -> list[int]:
+    ks = [keep] if isinstance(keep, str) else list(keep)
+    bad = [k for k in ks if k not in names]
+    if bad:
+        raise ValueError(f"unknown axes {bad}; the state axes are {list(names)}")
+    return [names.index(k) for k in ks]
+
+
+def _to_blocks(rows: torch.Tensor, shape: tuple[int, ...], keep_idx: list[int]) -> torch.Tensor:
+    """``(m, D)`` state vectors → ``(m, G, R)``: kept axes first (row-major), the rest after."""
+    m = rows.shape[0]
+    x = rows.reshape(m, *shape)
+    rest = [i for i in range(len(shape)) if i not in keep_idx]
+    x = x.permute(0, *(1 + i for i in keep_idx), *(1 + i for i in rest))
+    G = math.prod(shape[i] for i in keep_idx)
+    return x.reshape(m, G, -1)
+
+
+def _from_blocks(block_rows: torch.Tensor, shape: tuple[int, ...], keep_idx: list[int]) -> torch.Tensor:
+    """Inverse of :func:`_to_blocks` for ``(m, G, R)`` → ``(m, D)``."""
+    m = block_rows.shape[0]
+    rest = [i for i in range(len(shape)) if i not in keep_idx]
+    order = keep_idx + rest
+    x = block_rows.reshape(m, *(shape[i] for i in order))
+    inv = [order.index(i) for i in range(len(shape))]
+    return x.permute(0, *(1 + i for i in inv)).reshape(m, -1)
+
+
+# -- jackknife helpers -------------------------------------------------------------------------
+
+
+def _jack(full: torch.Tensor, loo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Jackknife stderr and bias-corrected value from leave-one-out values ``(m, ...)``."""
+    m = loo.shape[0]
+    if m < 2:
+        return torch.full_like(full, math.inf), full
+    mean = loo.mean(0)
+    se = ((m - 1) / m * (loo - mean).square().sum(0)).sqrt()
+    return se, m * full - (m - 1) * mean
+
+
+def _mean_loo(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean over the leading (probe) axis and the leave-one-out means."""
+    m = x.shape[0]
+    total = x.sum(0)
+    return total / m, (total - x) / (m - 1)
+
+
+def _pair_stats(rowsum: torch.Tensor, colsum: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full mean and leave-one-out means of an off-diagonal pair average.
+
+    ``rowsum[k] = Σ_{j≠k} H_kj`` and ``colsum[k] = Σ_{i≠k} H_ik`` (leading axis k).  The full
+    mean is ``Σ_{i≠j} H_ij / (m(m−1))``; leaving probe k out drops row k and column k.
+    """
+    total = rowsum.sum(0)
+    full = total / (m * (m - 1))
+    loo = (total - rowsum - colsum) / ((m - 1) * (m - 2)) if m > 2 else torch.full_like(rowsum, math.nan)
+    return full, loo
+
+
+# -- the estimators --------------------------------------------------------------------------------
+
+
+@dataclass
+class _Raw:
+    """Full values and leave-one-out values (``None``: exact) of the block statistics."""
+
+    tr: torch.Tensor  # (G,)
+    tr_loo: torch.Tensor | None  # (m, G)
+    fro: torch.Tensor  # (G, G) or (G,)
+    fro_loo: torch.Tensor | None
+    fro_total: torch.Tensor  # ()
+    fro_total_loo: torch.Tensor | None  # (m,)
+    cross: torch.Tensor | None  # (G, G)
+    cross_loo: torch.Tensor | None
+
+
+def _jvp_raw(B: torch.Tensor, pairs: bool, cross: bool) -> _Raw:
+    """Statistics from JVP samples ``B`` of shape ``(m, G, R)`` (b_i = J u_i, blocked)."""
+    m, G, _ = B.shape
+    Bd = B.to(torch.float64)
+    S = Bd.square().sum(-1)  # (m, G): ‖b_{g,i}‖²
+    tr_full, tr_loo = _mean_loo(S)
+    # per-block Gram matrices C^g_ij = b_{g,i}·b_{g,j}, diagonal removed (pairs i ≠ j only)
+    C = torch.bmm(Bd.transpose(0, 1), Bd.transpose(0, 1).transpose(1, 2))  # (G, m, m)
+    C.diagonal(dim1=1, dim2=2).zero_()
+    if pairs:
+        # r[k, g, h] = Σ_j C^g_kj C^h_kj (symmetric in the probe pair, so rowsum = colsum)
+        r = torch.einsum("gkj,hkj->kgh", C, C)
+        fro, fro_loo = _pair_stats(r, r, m)
+        ftot_rows = r.sum((1, 2))
+    else:
+        r = C.square().sum(2).T  # (m, G)
+        fro, fro_loo = _pair_stats(r, r, m)
+        Ctot = C.sum(0)
+        ftot_rows = Ctot.square().sum(1)
+    fro_total, fro_total_loo = _pair_stats(ftot_rows, ftot_rows, m)
+    cr = cr_loo = None
+    if cross:
+        P = torch.einsum("kgr,khr->kgh", Bd, Bd)  # (m, G, G): b_{g,k}·b_{h,k}
+        cr, cr_loo = _mean_loo(P)
+    return _Raw(tr_full, tr_loo, fro, fro_loo, fro_total, fro_total_loo, cr, cr_loo)
+
+
+def _vjp_raw(A: torch.Tensor, pairs: bool, cross: bool) -> _Raw:
+    """Statistics from VJP samples ``A`` of shape ``(G, m, P)`` (a_{g,i} = Jᵀ E_g z_i)."""
+    G, m, _ = A.shape
+    Ad = A.to(torch.float64)
+    Nd = torch.empty(m, G, G, dtype=torch.float64)  # a_{g,i}·a_{h,i}
+    rowsum = torch.empty(m, G, G, dtype=torch.float64)  # Σ_{j≠k} (a_{g,k}·a_{h,j})²
+    colsum = torch.empty(m, G, G, dtype=torch.float64)  # Σ_{i≠k} (a_{g,i}·a_{h,k})²
+    eye = torch.eye(m, dtype=torch.bool)
+    for g in range(G):  # one block row at a time: O(G m²) memory, not O(G² m²)
+        Ng = torch.einsum("ip,hjp->ihj", Ad[g], Ad).cpu()  # (m, G, m): a_{g,i}·a_{h,j}
+        Nd[:, g, :] = torch.diagonal(Ng, dim1=0, dim2=2).T
+        Qg = Ng.square().masked_fill(eye[:, None, :], 0.0)  # drop i = j: not an independent pair
+        rowsum[:, g, :] = Qg.sum(2)
+        colsum[:, g, :] = Qg.sum(0).T
+    S = torch.diagonal(Nd, dim1=1, dim2=2)  # (m, G): ‖a_{g,i}‖²
+    tr_full, tr_loo = _mean_loo(S)
+    fro, fro_loo = _pair_stats(rowsum, colsum, m)
+    fro_total, fro_total_loo = _pair_stats(rowsum.sum((1, 2)), colsum.sum((1, 2)), m)
+    if not pairs:
+        fro = torch.diagonal(fro)
+        fro_loo = torch.diagonal(fro_loo, dim1=1, dim2=2)
+    cr = cr_loo = None
+    if cross:
+        cr, cr_loo = _mean_loo(Nd)
+    return _Raw(tr_full, tr_loo, fro, fro_loo, fro_total, fro_total_loo, cr, cr_loo)
+
+
+def _exact_raw(J: torch.Tensor, shape: tuple[int, ...], keep_idx: list[int], pairs: bool, cross: bool) -> _Raw:
+    """Exact block statistics from the dense Jacobian ``J`` (D × P)."""
+    Jb = _to_blocks(J.T.to(torch.float64), shape, keep_idx).permute(1, 2, 0)  # (G, R, P)
+    G, R, P = Jb.shape
+    tr = Jb.square().sum((1, 2))
+    if R <= P:  # blocks of K directly
+        Kb = torch.einsum("grp,hsp->ghrs", Jb, Jb)
+        fro_pairs = Kb.square().sum((2, 3))
+    else:  # via the P × P Grams: ‖K_gh‖² = tr(G_g G_h)
+        Gg = torch.einsum("grp,grq->gpq", Jb, Jb)
+        fro_pairs = torch.einsum("gpq,hpq->gh", Gg, Gg)
+    fro = fro_pairs if pairs else torch.diagonal(fro_pairs)
+    cr = torch.einsum("grp,hrp->gh", Jb, Jb) if cross else None
+    return _Raw(tr, None, fro, None, fro_pairs.sum(), None, cr, None)
+
+
+def structure(
+    K: FactoredKernel,
+    keep: str | Sequence[str] = "time",
+    *,
+    method: str = "jvp",
+    num_probes: int = 100,
+    seed: int | torch.Generator | None = None,
+    probes: str | Probe | None = None,
+    chunk_size: int | None = None,
+    pairs: bool = True,
+    cross: bool = True,
+    axes: Sequence[str] | None = None,
+    shape: Sequence[int] | None = None,
+) -> Structure:
+    """Block traces, block Frobenius norms and effective ranks of K over the ``keep`` axes.
+
+    Args:
+        K: a factored kernel (an :class:`~ntkscope.NTK`, a :class:`~ntkscope.models.recurrent.RecurrentNTK`
+            or ``NTK.from_jacobian``) whose state axes are named (``K.axes``) or given by
+            ``axes=``/``shape=``.
+        keep: the axes that index the blocks (the rest are traced over); e.g. ``"time"``,
+            ``("batch",)``, ``("batch", "time")``.
+        method: ``"jvp"`` (one forward pass per probe, every block from the same passes),
+            ``"vjp"`` (one reverse pass per probe per block) or ``"exact"``.
+        num_probes: probes m (per block for ``"vjp"``); the U-statistics need m ≥ 3.
+        seed: probe seed, as for :func:`ntkscope.trace`.
+        probes: probe distribution, as for :func:`ntkscope.trace` (default: Rademacher).
+        chunk_size: probes per vectorised batch, as for :func:`ntkscope.trace`.
+        pairs: also estimate the off-diagonal block norms ``‖K_gh‖_F²`` (a G × G grid; needs
+            G ≤ :data:`MAX_PAIR_BLOCKS`); else only ``‖K_gg‖_F²``.
+        cross: also estimate the block cross traces ``tr K_gh`` (G × G).
+
+    Returns:
+        A :class:`Structure`; every entry carries a jackknife standard error and the pass counts.
+
+    Cost: ``num_probes`` JVPs for ``"jvp"`` (every block from the same passes),
+    ``G·num_probes`` VJPs for ``"vjp"`` (probes placed in each of the G blocks), ``min(D, P)``
+    passes for ``"exact"``.  Block traces are unbiased means; block norms unbiased
+    U-statistics; ratios biased ``O(1/m)`` (see the module docstring for the estimators).
+    """
+    t0 = time.perf_counter()
+    if not isinstance(K, FactoredKernel):
+        raise TypeError(f"structure needs a factored kernel (an ntkscope.NTK), got {type(K).__name__}")
+    if method not in ("jvp", "vjp", "exact"):
+        raise ValueError(f"method must be 'jvp', 'vjp' or 'exact', got {method!r}")
+    if isinstance(num_probes, bool) or not isinstance(num_probes, int) or num_probes < 3:
+        raise ValueError(f"num_probes must be an int >= 3 (pairs of probes estimate the norms), got {num_probes!r}")
+    names, shp = _resolve_axes(K, axes, shape)
+    kidx = _keep_index(names, keep)
+    keep_names = tuple(names[i] for i in kidx)
+    grid = tuple(shp[i] for i in kidx)
+    G = math.prod(grid)
+    R = K.dim // G
+    if (pairs or cross) and G > MAX_PAIR_BLOCKS:
+        raise ValueError(
+            f"{G} blocks: the pair statistics would be a {G}×{G} grid (limit {MAX_PAIR_BLOCKS}); "
+            "pass pairs=False, cross=False, or keep fewer axes"
+        )
+    kind = parse_probe(probes) if probes is not None else Probe.RADEMACHER
+    if kind is Probe.ORTHOGONAL and method != "exact":
+        raise ValueError("block norms need independent probes; orthogonal probes are dependent")
+    base = resolve_seed(seed)
+    before = K.counts()
+    m = num_probes
+    if method == "jvp":
+        stream = ProbeStream(K.num_params, kind, base, Stream.MAIN, K.dtype, K.device)
+        rows = est.onesided(K, "jvp", stream.columns, m, keep=True, chunk_size=chunk_size)  # (m, D)
+        raw = _jvp_raw(_to_blocks(rows, shp, kidx), pairs, cross)
+        del rows
+    elif method == "vjp":
+        # the same z_i ∈ R^R placed in every block (so that cross traces match positions)
+        z = ProbeStream(R, kind, base, Stream.MAIN, K.dtype, K.device).columns(0, m).T  # (m, R)
+        outs = []
+        for g in range(G):
+            W = torch.zeros(m, G, R, dtype=K.dtype, device=K.device)
+            W[:, g] = z
+            Wf = _from_blocks(W, shp, kidx).T.contiguous()  # (D, m)
+            outs.append(est.onesided(K, "vjp", lambda s, e: Wf[:, s:e], m, keep=True, chunk_size=chunk_size))
+        raw = _vjp_raw(torch.stack(outs), pairs, cross)
+    else:
+        raw = _exact_raw(ex.jacobian(K), shp, kidx, pairs, cross)
+        m = 0
+    after = K.counts()
+    jv, vj = after[0] - before[0], after[1] - before[1]
+    secs = time.perf_counter() - t0
+    exact = method == "exact"
+
+    def block(q: str, full: torch.Tensor, loo: torch.Tensor | None, ax: tuple[str, ...], ratio: bool = False) -> BlockEstimate:
+        gshape = tuple(ax_sizes[a.rstrip("'")] for a in ax)
+        se = bc = None
+        if not exact and loo is not None:
+            se, bc = _jack(full, loo)
+            se = se.reshape(gshape)
+            bc = bc.reshape(gshape) if ratio else None
+        return BlockEstimate(full.reshape(gshape), se, ax, q, method, m, jv, vj, secs, bc)
+
+    ax_sizes = dict(zip(names, shp))
+    pair_ax = keep_names + tuple(a + "'" for a in keep_names)
+    tr = block("trace", raw.tr, raw.tr_loo, keep_names)
+    fro = block("frobenius_sq", raw.fro, raw.fro_loo, pair_ax if pairs else keep_names)
+    fro_diag = torch.diagonal(raw.fro) if pairs else raw.fro
+    fro_diag_loo = None
+    if raw.fro_loo is not None:
+        fro_diag_loo = torch.diagonal(raw.fro_loo, dim1=1, dim2=2) if pairs else raw.fro_loo
+    reff_full = raw.tr.square() / fro_diag
+    reff_loo = raw.tr_loo.square() / fro_diag_loo if raw.tr_loo is not None and fro_diag_loo is not None else None
+    reff = block("effective_rank", reff_full, reff_loo, keep_names, ratio=True)
+    cr = block("cross_trace", raw.cross, raw.cross_loo, pair_ax) if raw.cross is not None else None
+
+    def total(q: str, full: torch.Tensor, loo: torch.Tensor | None, ratio: bool = False) -> Estimate:
+        info: dict[str, Any] = {"keep": list(keep_names)}
+        se: float | None = None
+        if not exact and loo is not None:
+            s, b = _jack(full, loo)
+            se = float(s)
+            if ratio:
+                info["bias_corrected"] = float(b)
+        return Estimate(float(full), se, jv, vj, m, method, secs, q, exact, info)
+
+    tt_full = raw.tr.sum()
+    tt_loo = raw.tr_loo.sum(1) if raw.tr_loo is not None else None
+    out = Structure(
+        keep=keep_names,
+        grid=grid,
+        trace=tr,
+        frobenius=fro,
+        effective_rank=reff,
+        cross_trace=cr,
+        total_trace=total("trace", tt_full, tt_loo),
+        total_frobenius_sq=total("frobenius_norm_sq", raw.fro_total, raw.fro_total_loo),
+        total_effective_rank=total(
+            "effective_rank",
+            tt_full**2 / raw.fro_total,
+            tt_loo**2 / raw.fro_total_loo if tt_loo is not None and raw.fro_total_loo is not None else None,
+            ratio=True,
+        ),
+        info={"probes": kind.value, "blocks": G, "block_size": R, "axes": list(names)},
+    )
+    return out
+
+
+def block_traces(K: FactoredKernel, keep: str | Sequence[str] = "time", **kw: Any) -> BlockEstimate:
+    """``tr K_gg`` for every block over the ``keep`` axes (e.g. the per-time-step trace curve).
+
+    With ``cross=True`` returns the G × G cross traces ``tr K_gh`` instead.  Keywords as for
+    :func:`structure`.
+    """
+    want_cross = bool(kw.pop("cross", False))
+    s = structure(K, keep, pairs=False, cross=want_cross, **kw)
+    if want_cross:
+        assert s.cross_trace is not None
+        return s.cross_trace
+    return s.trace
+
+
+def block_frobenius(K: FactoredKernel, keep: str | Sequence[str] = "time", *, pairs: bool = True, **kw: Any) -> BlockEstimate:
+    """``‖K_gh‖_F²`` over pairs of blocks (``pairs=True``) or ``‖K_gg‖_F²``.  See :func:`structure`."""
+    return structure(K, keep, pairs=pairs, cross=False, **kw).frobenius
+
+
+def block_effective_rank(K: FactoredKernel, keep: str | Sequence[str] = "time", **kw: Any) -> BlockEstimate:
+    """Per-block effective rank ``(tr K_gg)² / ‖K_gg‖_F²``.  See :func:`structure`."""
+    return structure(K, keep, pairs=False, cross=False, **kw).effective_rank

@@ -1,0 +1,251 @@
+"""Evaluators: how a block of probes is pushed through ``f(θ)`` in one AD mode.
+
+An :class:`Evaluator` holds the function of an NTK twice — as the user wrote it, and with the
+per-module batched-probe rules of :mod:`ntkscope.operators.rules` substituted — and evaluates blocks of
+probe rows chunk by chunk along the first *path* that works:
+
+* ``vmap-forward+rules`` / ``vmap-reverse+rules``: ``vmap`` over ``jvp``/``vjp`` with the rules
+  (checked once per mode against a generic path on one probe before they are trusted);
+* ``vmap-*``: ``vmap`` over ``jvp``/``vjp`` of the function as written;
+* ``loop-*``: a Python loop over probes (where ``vmap`` is unsupported);
+* ``*-no-mkldnn``: with oneDNN off (its LSTM has no forward-mode rule on CPU);
+* ``*-double-vjp``: J·u as the VJP of the linear map w ↦ Jᵀw (where forward mode is missing).
+
+Every path runs with attention as plain matrix products (:func:`ntkscope.operators.rules.math_attention`),
+so fused attention kernels without forward-mode rules never block the JVP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.func import jvp, vjp, vmap
+
+from .rules import math_attention
+
+__all__ = ["Evaluator", "Path", "JVP_PATHS", "VJP_PATHS", "quiet"]
+
+
+@dataclass(frozen=True)
+class Path:
+    """One way of evaluating a chunk of AD passes."""
+
+    name: str
+    batched: bool  # vmap over probes, or a Python loop
+    mkldnn_off: bool  # run with oneDNN disabled (LSTM forward-mode on CPU needs it)
+    double_vjp: bool = False  # JVP as the VJP of a VJP (where forward-mode AD is missing)
+    rules: bool = False  # the function with the per-module rules substituted
+
+    @contextlib.contextmanager
+    def context(self) -> Iterator[None]:
+        mk = torch.backends.mkldnn.flags(enabled=False) if self.mkldnn_off else contextlib.nullcontext()
+        with quiet(), mk, math_attention():
+            yield
+
+
+JVP_PATHS = (
+    Path("vmap-forward+rules", True, False, rules=True),
+    Path("vmap-forward", True, False),
+    Path("vmap-forward-no-mkldnn", True, True),
+    Path("loop-forward", False, False),
+    Path("loop-forward-no-mkldnn", False, True),
+    Path("vmap-double-vjp", True, False, True),
+    Path("loop-double-vjp", False, False, True),
+    Path("loop-double-vjp-no-mkldnn", False, True, True),
+)
+VJP_PATHS = (
+    Path("vmap-reverse+rules", True, False, rules=True),
+    Path("vmap-reverse", True, False),
+    Path("vmap-reverse-no-mkldnn", True, True),
+    Path("loop-reverse", False, False),
+    Path("loop-reverse-no-mkldnn", False, True),
+)
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*RNN module weights are not part of single contiguous.*")
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*functional_call.*")
+        # entering torch.backends.mkldnn.flags(...) on CPU builds warns about Intel-GPU TF32
+        warnings.filterwarnings("ignore", category=UserWarning, message=".*TF32 acceleration on top of oneDNN.*")
+        yield
+
+
+def find_path(paths: Sequence[Path], name: str | None) -> Path | None:
+    if name is None:
+        return None
+    for p in paths:
+        if p.name == name:
+            return p
+    raise ValueError(f"unknown path {name!r}; choose one of {[p.name for p in paths]}")
+
+
+def is_randomness_error(e: Exception) -> bool:
+    return "randomness" in str(e) and "vmap" in str(e)
+
+
+class Evaluator:
+    """Evaluates ``J·U`` and ``Jᵀ·V`` on blocks of probe *rows*, ``chunk_size`` at a time.
+
+    ``f(*primals)`` is the flattened state (``dim`` numbers); ``ruled_f`` the same function with
+    rules (or None).
+    A path is chosen per mode on first use and kept; one that fails falls back to the next.
+    """
+
+    def __init__(
+        self,
+        f: Callable[..., torch.Tensor],
+        primals: Sequence[torch.Tensor],
+        ruled_f: Callable[..., torch.Tensor] | None,
+        dim: int,
+        chunk_size: int,
+        jvp_path: str | None = None,
+        vjp_path: str | None = None,
+        ruled_chunk_size: int | None = None,
+    ) -> None:
+        self.f = f
+        self.dim = dim  # D, the size of the flattened state
+        self.ruled_f = ruled_f
+        self.primals = tuple(primals)
+        self.shapes = [p.shape for p in self.primals]
+        self.numels = [p.numel() for p in self.primals]
+        self.chunk_size = chunk_size
+        self.ruled_chunk_size = ruled_chunk_size or chunk_size
+        self.paths: dict[str, Path | None] = {"jvp": find_path(JVP_PATHS, jvp_path), "vjp": find_path(VJP_PATHS, vjp_path)}
+        for mode, p in self.paths.items():
+            if p is not None and p.rules and ruled_f is None:
+                raise ValueError(f"{mode}_path={p.name!r}: no submodule of this model has a rule (see ntkscope.operators.rules)")
+        self.forced = {"jvp": jvp_path is not None, "vjp": vjp_path is not None}
+        self.broken: dict[str, Exception] = {}
+        self.rules_ok: dict[str, bool] = {}  # per mode: checked against a generic path
+
+    # -- paths ---------------------------------------------------------------------------------
+
+    def candidates(self, mode: str) -> list[Path]:
+        every = JVP_PATHS if mode == "jvp" else VJP_PATHS
+        rules = self.ruled_f is not None and self.rules_ok.get(mode) is not False
+        return [p for p in every if rules or not p.rules]
+
+    def _fn(self, path: Path) -> Callable[..., torch.Tensor]:
+        if not path.rules:
+            return self.f
+        assert self.ruled_f is not None  # rules paths are candidates only when there are rules
+        return self.ruled_f
+
+    def _unflatten(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``(m, P)`` rows -> per-parameter tensors ``(m, *shape)``."""
+        parts = torch.split(rows, self.numels, dim=1)
+        return tuple(p.reshape(rows.shape[0], *s) for p, s in zip(parts, self.shapes))
+
+    def _eval(self, mode: str, path: Path, chunk: torch.Tensor, cache: dict[Any, Any]) -> list[torch.Tensor]:
+        """The chunk's results as ``(m, ·)`` blocks: one per parameter (VJP) or the state (JVP)."""
+        f = self._fn(path)
+        key = (path.mkldnn_off, path.rules, path.double_vjp)
+        if mode == "vjp":
+            if key not in cache:  # one forward per call, reused by every chunk
+                cache[key] = vjp(f, *self.primals)[1]
+            vjp_fn = cache[key]
+            if path.batched:
+                parts = vmap(vjp_fn)(chunk)
+            else:
+                cols = [vjp_fn(r) for r in chunk]
+                parts = tuple(torch.stack([c[i] for c in cols]) for i in range(len(self.primals)))
+            return [p.reshape(chunk.shape[0], -1) for p in parts]
+        tangents = self._unflatten(chunk)
+        if path.double_vjp:
+            # J u as the VJP of the linear map w ↦ Jᵀw; built once per call (one forward, one
+            # backward), then applied to every probe of every chunk
+            if key not in cache:
+                w0 = torch.zeros(self.dim, dtype=chunk.dtype, device=chunk.device)
+                cache[key] = vjp(lambda w: vjp(f, *self.primals)[1](w), w0)[1]
+            vjp2 = cache[key]
+
+            def fn(*t: torch.Tensor) -> torch.Tensor:
+                return vjp2(t)[0]  # type: ignore[no-any-return]
+        else:
+
+            def fn(*t: torch.Tensor) -> torch.Tensor:
+                return jvp(f, self.primals, t)[1]
+
+        if path.batched:
+            return [vmap(fn)(*tangents)]
+        return [torch.stack([fn(*(t[i] for t in tangents)) for i in range(chunk.shape[0])])]
+
+    def _verify(self, mode: str, row: torch.Tensor, got: torch.Tensor) -> bool:
+        """Whether the rules agree with the first generic path that works, on one probe."""
+        for p in self.candidates(mode):
+            if p.rules:
+                continue
+            try:
+                with p.context():
+                    ref = _cat(self._eval(mode, p, row, {}))
+            except Exception:  # noqa: S112 — try the next generic path
+                continue
+            tol = 1e-10 if row.dtype == torch.float64 else 1e-4
+            scale = torch.linalg.vector_norm(ref)
+            return bool(torch.linalg.vector_norm(got - ref) <= tol * scale) if scale > 0 else bool((got == 0).all())
+        return True  # no generic path works (e.g. no forward-mode rule): the rules are the only way
+
+    # -- evaluation ----------------------------------------------------------------------------
+
+    def run(self, mode: str, rows: torch.Tensor, reduce: Callable[[list[torch.Tensor]], torch.Tensor] | None = None) -> torch.Tensor:
+        """``rows`` (m probes) through ``mode``: ``(m, D)`` or ``(m, P)`` rows, or ``reduce`` of
+        each chunk's blocks (a list of ``(m, ·)`` column groups), concatenated: the whole result
+        block is never held, nor even one chunk's concatenation."""
+        if mode in self.broken:
+            raise RuntimeError(f"{mode.upper()} is unavailable for this model: {self.broken[mode]}")
+        path = self.paths[mode]
+        order = [path] if path is not None else self.candidates(mode)
+        outs = []
+        cache: dict[Any, Any] = {}
+        errors: list[str] = []
+        start = 0
+        while start < rows.shape[0]:
+            p = order[0]
+            chunk = rows[start : start + (self.ruled_chunk_size if p.rules else self.chunk_size)]
+            try:
+                with p.context():
+                    out = self._eval(mode, p, chunk, cache)
+                if p.rules and not self.forced[mode] and mode not in self.rules_ok:
+                    self.rules_ok[mode] = self._verify(mode, chunk[:1], _cat([o[:1] for o in out]))
+                    if not self.rules_ok[mode]:
+                        raise RuntimeError("the rules disagree with the generic path on a test probe")
+            except Exception as e:  # try the next path
+                if is_randomness_error(e):
+                    raise ValueError(
+                        "the model draws random numbers (e.g. Dropout in training mode), so its NTK is "
+                        "not defined: call model.eval() first"
+                    ) from e
+                if p.rules:
+                    self.rules_ok[mode] = False
+                errors.append(f"{p.name}: {type(e).__name__}: {e}")
+                if self.forced[mode] or len(order) == 1:
+                    self.broken[mode] = RuntimeError("; ".join(errors))
+                    raise RuntimeError(f"no {mode.upper()} evaluation path works for this model:\n  " + "\n  ".join(errors)) from e
+                order.pop(0)
+                continue
+            outs.append(_cat(out) if reduce is None else reduce(out))
+            start += chunk.shape[0]
+            self.paths[mode] = p
+            order = [p]
+        return torch.cat(outs, 0) if len(outs) > 1 else outs[0]
+
+
+def _cat(blocks: list[torch.Tensor]) -> torch.Tensor:
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, 1)
+
+
+def sqnorms(blocks: list[torch.Tensor]) -> torch.Tensor:
+    """Per-row squared norms of column blocks, in float64 (summed in the blocks' dtype per block:
+    no float64 copy of the block is made)."""
+    total = torch.zeros(blocks[0].shape[0], dtype=torch.float64, device=blocks[0].device)
+    for b in blocks:
+        total += torch.linalg.vecdot(b, b).to(torch.float64)
+    return total

@@ -1,0 +1,345 @@
+"""The NTK of a PyTorch model: :class:`NTK`, the factored kernel ``K = J Jᵀ`` evaluated with
+``torch.func`` (through :mod:`~ntkscope.operators.evaluators`, with the per-module rules of
+:mod:`~ntkscope.operators.rules` where they apply); :meth:`NTK.from_jacobian` wraps a dense J.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from ..core.memory import _MAX_AUTO_CHUNK, chunk_budget_bytes
+from . import rules as _rules
+from .base import FactoredKernel, _as_block, _DenseFactor
+from .evaluators import Evaluator, quiet, sqnorms
+from .modules import (
+    _analysis_module,
+    _check_finite_inputs,
+    _check_no_dropout,
+    _describe_inputs,
+    _inputs_equal,
+    _select_output,
+    _select_params,
+    _split_inputs,
+    _tensors,
+)
+
+__all__ = ["NTK"]
+
+
+class NTK(FactoredKernel):
+    """The empirical NTK ``K = J Jᵀ`` of a model on fixed inputs, never formed.
+
+    ``z = f(θ, X)`` is the chosen output flattened to ``D`` numbers; ``J = ∂z/∂θ`` is ``D × P``
+    over the chosen parameters.  ``jvp``/``vjp``/``matmat`` evaluate J·, Jᵀ· and K· on blocks
+    of vectors with ``torch.func`` (``vmap`` over probes, ``chunk_size`` probes at a time).
+
+    Args:
+        model: any ``nn.Module``.  It is never modified: parameters are read (detached),
+            buffers are cloned, train-mode normalisation layers run on a shallow copy that uses
+            batch statistics without updating running stats, and ``.grad`` is never touched.
+        inputs: a tensor, a tuple/list of positional arguments, or a dict of keyword arguments.
+        output: which part of the model's return value is the state: ``None`` (it must be a
+            tensor), an index, a key or attribute name, or a callable ``out -> Tensor``.
+        params: ``None`` (all parameters with ``requires_grad``), an iterable of names or of
+            the model's parameters, or a dict ``name -> tensor`` whose values replace the
+            model's (e.g. a snapshot from initialisation: the NTK at that point).
+        chunk_size: probes per vectorised batch; bounds memory.  Default: from D, P and dtype.
+        jvp_path / vjp_path: force an evaluation path (see :attr:`paths`); default tries the
+            fastest and falls back when a path fails (no forward-mode rule, ``vmap`` unsupported,
+            oneDNN's LSTM forward-mode gap).
+        rules: ``None`` (default) evaluates the submodules that have a batched-probe rule
+            (the recurrent layers and cells; see :mod:`ntkscope.operators.rules`) with it,
+            wherever they sit in the model, after checking each mode once against the generic
+            path; ``False`` never does; ``True`` requires some rule to apply.  ``fast`` is the
+            same switch under its former name.
+
+    The parameters are read live: training the model in place changes this operator.  Pass
+    ``params={n: p.detach().clone() ...}`` to pin a point.
+    """
+
+    model: nn.Module | None
+    rules: list[str]  # the submodules evaluated with rules ("name: Type")
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inputs: Any,
+        *,
+        output: int | str | Callable[[Any], torch.Tensor] | None = None,
+        params: Mapping[str, torch.Tensor] | Iterable[str | torch.Tensor] | None = None,
+        chunk_size: int | None = None,
+        jvp_path: str | None = None,
+        vjp_path: str | None = None,
+        rules: bool | None = None,
+        fast: bool | None = None,
+    ) -> None:
+        if rules is None:
+            rules = fast
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}; use NTK.from_function for functions")
+        _check_no_dropout(model)
+        self.model = model
+        self.inputs = inputs
+        self.output = output
+        names, primals, fixed = _select_params(model, params)
+        buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+        module = _rules.analysis_copy(_analysis_module(model))
+        args, kwargs = _split_inputs(inputs)
+        self.param_names = names
+
+        def state_fn(net: nn.Module) -> Callable[..., torch.Tensor]:
+            def fn(*tensors: torch.Tensor) -> torch.Tensor:
+                values = dict(fixed)
+                values.update(zip(names, tensors))
+                values.update(buffers)
+                return _select_output(functional_call(net, values, args, kwargs, strict=False), output)
+
+            return fn
+
+        ruled, self.rules = _rules.substitute(module) if rules is not False else (None, [])
+        ruled_fn = None if ruled is None else state_fn(ruled)
+        if rules is True and ruled_fn is None:
+            raise ValueError(f"rules=True: no submodule of this {type(model).__name__} has a rule (see ntkscope.operators.rules for the supported modules)")
+        self._init_function(state_fn(module), primals, chunk_size, jvp_path, vjp_path, what=type(model).__name__, ruled_fn=ruled_fn)
+
+    @classmethod
+    def from_function(
+        cls,
+        fn: Callable[[dict[str, torch.Tensor], Any], Any],
+        params: Mapping[str, torch.Tensor] | nn.Module,
+        inputs: Any,
+        *,
+        output: int | str | Callable[[Any], torch.Tensor] | None = None,
+        chunk_size: int | None = None,
+        jvp_path: str | None = None,
+        vjp_path: str | None = None,
+        ruled: tuple[Callable[[dict[str, torch.Tensor], Any], Any], list[str]] | None = None,
+    ) -> NTK:
+        """The NTK of a plain function ``fn(params_dict, inputs) -> state``.
+
+        ``ruled``: optionally ``(fn_with_rules, ruled_submodule_names)``, the same function
+        evaluated on modules with :mod:`ntkscope.operators.rules` substituted (see :func:`ntkscope.operators.rules.substitute`).
+        """
+        if isinstance(params, nn.Module):
+            params = {n: p for n, p in params.named_parameters() if p.requires_grad}
+        if not isinstance(params, Mapping):
+            raise TypeError("params must be a dict name -> tensor (or an nn.Module)")
+        if len(params) == 0:
+            raise ValueError("no trainable parameters: params is empty")
+        for n, p in params.items():
+            if not isinstance(p, torch.Tensor) or not p.is_floating_point():
+                raise TypeError(f"parameter {n!r} must be a floating-point tensor")
+        self = cls.__new__(cls)
+        self.model = None
+        self.inputs = inputs
+        self.output = output
+        names = list(params)
+        self.param_names = names
+
+        def f(*tensors: torch.Tensor) -> torch.Tensor:
+            return _select_output(fn(dict(zip(names, tensors)), inputs), output)
+
+        self.rules = list(ruled[1]) if ruled is not None else []
+        f_ruled = None
+        if ruled is not None:
+            fn_r = ruled[0]
+
+            def f_ruled(*tensors: torch.Tensor) -> torch.Tensor:
+                return _select_output(fn_r(dict(zip(names, tensors)), inputs), output)
+
+        self._init_function(f, [params[n].detach() for n in names], chunk_size, jvp_path, vjp_path, what="function", ruled_fn=f_ruled)
+        return self
+
+    @staticmethod
+    def from_jacobian(J: torch.Tensor) -> FactoredKernel:
+        """The kernel ``J Jᵀ`` of an explicit ``D × P`` Jacobian (tests, toy kernels)."""
+        return _DenseFactor(J)
+
+    # -- set-up -------------------------------------------------------------------------------
+
+    def _init_function(
+        self,
+        fn: Callable[..., torch.Tensor],
+        primals: Sequence[torch.Tensor],
+        chunk_size: int | None,
+        jvp_path: str | None,
+        vjp_path: str | None,
+        what: str,
+        ruled_fn: Callable[..., torch.Tensor] | None = None,
+    ) -> None:
+        self._fn_raw = fn
+        self.primals = tuple(primals)
+        self.param_shapes = [p.shape for p in self.primals]
+        self.param_numels = [p.numel() for p in self.primals]
+        num_params = sum(self.param_numels)
+        if num_params == 0:
+            raise ValueError("no trainable parameters: every selected parameter is empty")
+        dtypes = {p.dtype for p in self.primals}
+        if len(dtypes) > 1:
+            raise ValueError(f"parameters have mixed dtypes {sorted(map(str, dtypes))}; cast the model to one dtype")
+        _check_finite_inputs(self.inputs)
+        empty = [tuple(t.shape) for t in _tensors(self.inputs) if t.numel() == 0]
+        if empty:
+            raise ValueError(f"inputs are empty (a tensor of shape {empty[0]}): the NTK needs at least one input")
+        # fork_rng: a random model must not advance the user's (CPU) random stream
+        with torch.no_grad(), quiet(), torch.random.fork_rng(devices=[]):
+            try:
+                z = fn(*self.primals)
+            except Exception as e:  # the user's model rejected the inputs
+                raise ValueError(f"{what} failed on the given inputs ({_describe_inputs(self.inputs)}): {e}") from e
+            if not isinstance(z, torch.Tensor) or not z.is_floating_point():
+                raise TypeError(f"the state must be a floating-point tensor, got {type(z).__name__}")
+            if not torch.isfinite(z).all():
+                raise ValueError(f"{what} produced non-finite outputs (nan or inf) on the given inputs")
+            # A random forward (functional dropout, noise injection) has no NTK.  vmap catches it
+            # only where the forward runs inside vmap (not on the VJP path), so compare two runs.
+            if z.numel() == 0:
+                raise ValueError(f"the state is empty (shape {tuple(z.shape)}): the NTK needs at least one output")
+            z2 = fn(*self.primals)
+            scale = float(z.abs().max())
+            if not (isinstance(z2, torch.Tensor) and z2.shape == z.shape and torch.allclose(z2, z, rtol=1e-4, atol=1e-6 * scale)):
+                raise ValueError(
+                    f"{what} is random: two forward passes on the same inputs differ (e.g. dropout in training "
+                    "mode), so its NTK is not defined: call model.eval() or remove the randomness first"
+                )
+        self.state_shape = tuple(z.shape)
+        self.state = z.detach()
+        super().__init__(z.numel(), self.primals[0].dtype, z.device)
+        if z.dtype != self.dtype:
+            raise ValueError(f"state dtype {z.dtype} differs from parameter dtype {self.dtype}")
+        self.num_params = num_params
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        generic_chunk = chunk_size or self._default_chunk(self._fn_raw)
+        ruled_chunk = None if ruled_fn is None else chunk_size or self._default_chunk(ruled_fn, rules=True)
+        #: probes per vectorised batch (of the rules' paths where rules apply)
+        self.chunk_size = ruled_chunk or generic_chunk
+        flat_ruled = None if ruled_fn is None else (lambda *t: ruled_fn(*t).reshape(-1))
+        self._evaluator = Evaluator(self._f, self.primals, flat_ruled, self.dim, generic_chunk, jvp_path, vjp_path, ruled_chunk_size=ruled_chunk)
+        self._pass_seconds: dict[str, float] = {}
+
+    def _default_chunk(self, fn: Callable[..., torch.Tensor], rules: bool = False) -> int:
+        """Probes per vmap batch so that their working set fits the memory budget.
+
+        A vmapped pass keeps, per probe, its input and output vectors (D + P numbers) and a
+        tangent or cotangent for every intermediate the forward saves for backward (often far
+        more than D for convolutional or recurrent models); the intermediates are measured once
+        with ``saved_tensors_hooks`` on one forward.  With rules, the rules' own per-probe blocks
+        (which they report) count instead of the saved activations of the modules they replace.
+        The same chunk serves both modes.  Budget: :func:`chunk_budget_bytes`.
+        """
+        saved, cap = _saved_numel(fn, self.primals, rules)
+        per_probe = self.dtype.itemsize * (self.dim + self.num_params + saved) * 2
+        return max(1, min(_MAX_AUTO_CHUNK, cap, chunk_budget_bytes(self.device) // per_probe))
+
+    def _f(self, *tensors: torch.Tensor) -> torch.Tensor:
+        return self._fn_raw(*tensors).reshape(-1)
+
+    # -- passes -------------------------------------------------------------------------------
+
+    @property
+    def paths(self) -> dict[str, str | None]:
+        """The evaluation path each AD mode took (None: not used yet); ``+rules`` marks the
+        per-module rules (:attr:`rules` lists the submodules they cover)."""
+        return {k: p.name if p else None for k, p in self._evaluator.paths.items()}
+
+    @property
+    def _broken(self) -> dict[str, Exception]:
+        return self._evaluator.broken
+
+    def sqnorms(self, side: str, X: torch.Tensor) -> torch.Tensor:
+        """Per-column ``‖Jᵀx‖²`` / ``‖Jx‖²`` (float64), reduced chunk by chunk: the ``(P or D) × m``
+        block is never held whole."""
+        if side not in ("jvp", "vjp"):
+            raise ValueError(f"side must be 'jvp' or 'vjp', got {side!r}")
+        n = self.num_params if side == "jvp" else self.dim
+        X, _ = _as_block(X, n, "‖J·U‖²" if side == "jvp" else "‖Jᵀ·V‖²")
+        rows = X.to(device=self.device, dtype=self.dtype).T.contiguous()
+        out = self._evaluator.run(side, rows, reduce=sqnorms)
+        if side == "jvp":
+            self.jvp_count += X.shape[1]
+        else:
+            self.vjp_count += X.shape[1]
+        return out
+
+    def _vjp(self, V: torch.Tensor) -> torch.Tensor:
+        return self._evaluator.run("vjp", V.T.contiguous()).T
+
+    def _jvp(self, U: torch.Tensor) -> torch.Tensor:
+        return self._evaluator.run("jvp", U.T.contiguous()).T
+
+    def modes(self) -> dict[str, bool]:
+        """Which AD modes work, found by one pass each (counted) the first time."""
+        out = {}
+        for mode in ("jvp", "vjp"):
+            if self._evaluator.paths[mode] is None and mode not in self._broken:
+                try:
+                    self.pass_seconds(mode)
+                except RuntimeError:
+                    pass
+            out[mode] = mode not in self._broken
+        return out
+
+    def pass_seconds(self, mode: str, probes: int = 4) -> float:
+        """Measured seconds per AD pass in ``mode`` (cached; costs ``probes`` passes once)."""
+        if mode not in self._pass_seconds:
+            n = self.num_params if mode == "jvp" else self.dim
+            x = torch.ones(n, min(probes, self.chunk_size), dtype=self.dtype, device=self.device)
+            op = self.jvp if mode == "jvp" else self.vjp
+            op(x[:, :1])  # warm-up, and path selection
+            t0 = time.perf_counter()
+            op(x)
+            self._pass_seconds[mode] = (time.perf_counter() - t0) / x.shape[1]
+        return self._pass_seconds[mode]
+
+    def same_inputs(self, other: FactoredKernel) -> bool | None:
+        if not isinstance(other, NTK):
+            return None
+        return _inputs_equal(self.inputs, other.inputs)
+
+    def describe(self) -> str:
+        return (
+            f"NTK(D={self.dim} state {self.state_shape}, P={self.num_params}, dtype={self.dtype}, "
+            f"chunk_size={self.chunk_size}, paths={self.paths})"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# helpers for NTK
+
+
+def _saved_numel(fn: Callable[..., torch.Tensor], primals: Sequence[torch.Tensor], rules: bool = False) -> tuple[int, int]:
+    """Numbers the forward of ``fn`` saves for backward (activations), parameters excluded, and
+    a cap on the probes per chunk; with ``rules``, plus the per-probe working set and the cap
+    the rules report (:mod:`ntkscope.operators.rules`)."""
+    seen = {p.data_ptr() for p in primals}
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        try:
+            ptr = t.data_ptr()
+        except RuntimeError:  # tensors without storage (e.g. some wrapper subclasses)
+            return t
+        if ptr not in seen:
+            seen.add(ptr)
+            total += t.numel()
+        return t
+
+    try:
+        with torch.enable_grad(), quiet(), torch.random.fork_rng(devices=[]), _rules.measure_probe_numel() as ruled:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                fn(*(p.detach().requires_grad_() for p in primals))
+    except Exception:  # a measurement only: fall back to D + P
+        return 0, _MAX_AUTO_CHUNK
+    if not rules:
+        return total, _MAX_AUTO_CHUNK
+    return total + ruled[0], ruled[1]
+
+
