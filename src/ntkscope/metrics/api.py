@@ -44,6 +44,7 @@ from ..core import executor
 from ..core import jackknife as jk
 from ..core.estimate import Estimate
 from ..core.jackknife import Part, combine, dof
+from ..core.linalg import nystrom_from_sketch
 from ..core.probes import Probe, ProbeStream, Stream, parse_probe, resolve_seed
 from ..estimators import exact as ex
 from ..operators.base import FactoredKernel, GramOperator, KernelOperator, as_operator, smaller_kernel
@@ -370,8 +371,6 @@ def _pilot(op: KernelOperator, side: str, ell: int, seed: int, probes: Probe | N
     half (``A``) is exactly what the one-sided method computes for its first ``ell`` probes, so
     when it is chosen (``op`` a memoising proxy) only the second half is extra.
     """
-    from .spectrum import nystrom_from_sketch
-
     assert isinstance(op, FactoredKernel)
     stream = ProbeStream(est.probe_dim(op, side), probes or Probe.RADEMACHER, seed, Stream.MAIN, op.dtype, op.device)
     S = stream.columns(0, ell)

@@ -41,16 +41,16 @@ from typing import Any
 import torch
 
 from ..core.estimate import Estimate
+from ..core.linalg import lanczos, nystrom_from_sketch, tridiag_eig
 from ..core.probes import Probe, ProbeStream, Stream, resolve_seed
 from ..estimators import exact as ex
+from ..estimators.products import gather_columns
 from ..operators.base import FactoredKernel, KernelOperator, as_operator
 
 __all__ = [
     "Eigen",
     "SpectralDensity",
     "top_eigenvalues",
-    "nystrom_from_sketch",
-    "lanczos",
     "spectral_density",
     "entropy_effective_rank",
     "entropy_rank_of",
@@ -91,70 +91,7 @@ def _counts(op: KernelOperator) -> tuple[int, int, int]:
 
 
 def _matmat_chunked(op: KernelOperator, X: torch.Tensor, chunk: int | None) -> torch.Tensor:
-    c = chunk or op.chunk_size
-    outs = [op.matmat(X[:, s : s + c].to(op.dtype)).to(torch.float64) for s in range(0, X.shape[1], c)]
-    return torch.cat(outs, 1)
-
-
-def nystrom_from_sketch(S: torch.Tensor, Y: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues (descending, clipped at 0) and vectors of the Nyström approximation.
-
-    ``Y = K S`` for a PSD K; ``eps`` is the unit round-off of the arithmetic that produced Y.
-    The approximation ``K S (SᵀKS)⁺ SᵀK`` depends only on range(S), so S need not be orthonormal.
-    Stable shift: Tropp et al. (2017), Alg. 3.
-    """
-    S, Y = S.to(torch.float64), Y.to(torch.float64)
-    n = S.shape[0]
-    nu = max(eps * float(torch.linalg.matrix_norm(Y)) * math.sqrt(n), torch.finfo(torch.float64).tiny)
-    Yn = Y + nu * S
-    B = S.T @ Yn
-    C, info = torch.linalg.cholesky_ex((B + B.T) / 2, upper=True)
-    while int(info) != 0:  # a negative eigenvalue from round-off: grow the shift
-        nu *= 10
-        Yn = Y + nu * S
-        B = S.T @ Yn
-        C, info = torch.linalg.cholesky_ex((B + B.T) / 2, upper=True)
-    F = torch.linalg.solve_triangular(C, Yn, upper=True, left=False)
-    U, sig, _ = torch.linalg.svd(F, full_matrices=False)
-    return (sig**2 - nu).clamp(min=0), U
-
-
-def lanczos(
-    matvec: Callable[[torch.Tensor], torch.Tensor], v0: torch.Tensor, steps: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Lanczos tridiagonalisation with full reorthogonalisation (float64).
-
-    Returns ``(alpha, beta, V)``: the diagonal and off-diagonal of T and the Lanczos basis.
-    Stops early at an invariant subspace (``β`` below round-off), so T may be smaller than steps.
-    """
-    v = v0.to(torch.float64) / torch.linalg.vector_norm(v0.to(torch.float64))
-    n = v.numel()
-    steps = min(steps, n)
-    V = torch.zeros(n, steps, dtype=torch.float64, device=v.device)
-    alpha: list[float] = []
-    beta: list[float] = []
-    V[:, 0] = v
-    scale = 0.0
-    for j in range(steps):
-        w = matvec(V[:, j]).to(torch.float64)
-        a = float(V[:, j] @ w)
-        alpha.append(a)
-        # two passes of classical Gram–Schmidt against the whole basis ("twice is enough")
-        for _ in range(2):
-            w = w - V[:, : j + 1] @ (V[:, : j + 1].T @ w)
-        b = float(torch.linalg.vector_norm(w))
-        scale = max(scale, abs(a), b)
-        if j == steps - 1 or b <= 1e-12 * max(scale, 1e-300):
-            break
-        beta.append(b)
-        V[:, j + 1] = w / b
-    k = len(alpha)
-    return torch.tensor(alpha, dtype=torch.float64), torch.tensor(beta[: k - 1], dtype=torch.float64), V[:, :k]
-
-
-def _tridiag_eig(alpha: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    T = torch.diag(alpha) + torch.diag(beta, 1) + torch.diag(beta, -1)
-    return torch.linalg.eigh(T)
+    return gather_columns(lambda V: op.matmat(V.to(op.dtype)), X, chunk or op.chunk_size).to(torch.float64)
 
 
 def top_eigenvalues(
@@ -241,7 +178,7 @@ def top_eigenvalues(
         s = min(n, steps if steps is not None else 3 * k_eff + 20)
         v0 = ProbeStream(n, Probe.GAUSSIAN, base, Stream.SPECTRUM, torch.float64, op.device).columns(0, 1)[:, 0]
         alpha, beta, V = lanczos(lambda x: op.matmat(x.to(op.dtype)), v0, s)
-        theta, W = _tridiag_eig(alpha, beta)
+        theta, W = tridiag_eig(alpha, beta)
         theta, W = theta.flip(0), W.flip(1)
         m = min(k_eff, theta.numel())
         vals = torch.zeros(k_eff, dtype=torch.float64)
@@ -331,7 +268,7 @@ def spectral_density(
     nodes, weights = [], []
     for l in range(num_probes):
         alpha, beta, _ = lanczos(lambda x: op.matmat(x.to(op.dtype)), V[:, l], steps)
-        theta, W = _tridiag_eig(alpha, beta)
+        theta, W = tridiag_eig(alpha, beta)
         nodes.append(theta.cpu())
         weights.append((W[0] ** 2).cpu())
     c1 = _counts(op)

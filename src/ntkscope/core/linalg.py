@@ -1,0 +1,70 @@
+"""Dense linear algebra the randomized methods share: Nyström from a sketch, Lanczos."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+
+def nystrom_from_sketch(S: torch.Tensor, Y: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (descending, clipped at 0) and vectors of the Nyström approximation.
+
+    ``Y = K S`` for a PSD K; ``eps`` is the unit round-off of the arithmetic that produced Y.
+    The approximation ``K S (SᵀKS)⁺ SᵀK`` depends only on range(S), so S need not be orthonormal.
+    Stable shift: Tropp et al. (2017), Alg. 3.
+    """
+    S, Y = S.to(torch.float64), Y.to(torch.float64)
+    n = S.shape[0]
+    nu = max(eps * float(torch.linalg.matrix_norm(Y)) * math.sqrt(n), torch.finfo(torch.float64).tiny)
+    Yn = Y + nu * S
+    B = S.T @ Yn
+    C, info = torch.linalg.cholesky_ex((B + B.T) / 2, upper=True)
+    while int(info) != 0:  # a negative eigenvalue from round-off: grow the shift
+        nu *= 10
+        Yn = Y + nu * S
+        B = S.T @ Yn
+        C, info = torch.linalg.cholesky_ex((B + B.T) / 2, upper=True)
+    F = torch.linalg.solve_triangular(C, Yn, upper=True, left=False)
+    U, sig, _ = torch.linalg.svd(F, full_matrices=False)
+    return (sig**2 - nu).clamp(min=0), U
+
+
+def lanczos(
+    matvec: Callable[[torch.Tensor], torch.Tensor], v0: torch.Tensor, steps: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Lanczos tridiagonalisation with full reorthogonalisation (float64).
+
+    Returns ``(alpha, beta, V)``: the diagonal and off-diagonal of T and the Lanczos basis.
+    Stops early at an invariant subspace (``β`` below round-off), so T may be smaller than steps.
+    """
+    v = v0.to(torch.float64) / torch.linalg.vector_norm(v0.to(torch.float64))
+    n = v.numel()
+    steps = min(steps, n)
+    V = torch.zeros(n, steps, dtype=torch.float64, device=v.device)
+    alpha: list[float] = []
+    beta: list[float] = []
+    V[:, 0] = v
+    scale = 0.0
+    for j in range(steps):
+        w = matvec(V[:, j]).to(torch.float64)
+        a = float(V[:, j] @ w)
+        alpha.append(a)
+        # two passes of classical Gram–Schmidt against the whole basis ("twice is enough")
+        for _ in range(2):
+            w = w - V[:, : j + 1] @ (V[:, : j + 1].T @ w)
+        b = float(torch.linalg.vector_norm(w))
+        scale = max(scale, abs(a), b)
+        if j == steps - 1 or b <= 1e-12 * max(scale, 1e-300):
+            break
+        beta.append(b)
+        V[:, j + 1] = w / b
+    k = len(alpha)
+    return torch.tensor(alpha, dtype=torch.float64), torch.tensor(beta[: k - 1], dtype=torch.float64), V[:, :k]
+
+
+def tridiag_eig(alpha: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigen-decomposition of the symmetric tridiagonal matrix with diagonal ``alpha``, off-diagonal ``beta``."""
+    T = torch.diag(alpha) + torch.diag(beta, 1) + torch.diag(beta, -1)
+    return torch.linalg.eigh(T)
