@@ -24,11 +24,25 @@ Public API (the contract other tools build on):
 from . import distributed as distributed  # registers the probe-parallel default executor
 from .core.estimate import Estimate
 from .core.probes import Probe
-from .metrics.adaptive import ConvergenceWarning
-from .metrics.api import Method, alignment, choose_method, effective_rank, frobenius_norm, target_alignment, trace
-from .metrics.blocks import ParameterBlocks, parameter_blocks
-from .metrics.spectrum import entropy_effective_rank, spectral_density, top_eigenvalues
-from .metrics.structure import block_effective_rank, block_frobenius, block_traces, structure
+from .metrics import (
+    ConvergenceWarning,
+    Method,
+    ParameterBlocks,
+    alignment,
+    block_effective_rank,
+    block_frobenius,
+    block_traces,
+    choose_method,
+    effective_rank,
+    entropy_effective_rank,
+    frobenius_norm,
+    parameter_blocks,
+    spectral_density,
+    structure,
+    target_alignment,
+    top_eigenvalues,
+    trace,
+)
 from .models.recurrent import RecurrentNTK, hidden_ntk, step_ntk
 from .models.transformer import transformer_ntk
 from .monitor import Monitor

@@ -440,7 +440,7 @@ class Monitor:
         loggers: Sequence[Any] = ("csv",),
         path: str | Path | None = None,
     ) -> None:
-        from .metrics.api import _parse_method
+        from .metrics import parse_method as _parse_method
 
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -500,7 +500,7 @@ class Monitor:
     def _resolve(self, method: str) -> str:
         if method != "auto":
             return method
-        from .metrics.api import effective_rank
+        from .metrics import effective_rank
 
         K = self.kernel(self.init)
         chosen = effective_rank(K, method="auto", num_probes=self.num_probes, seed=self.seed).method

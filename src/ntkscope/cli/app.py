@@ -306,7 +306,7 @@ def estimate(
 def _check_estimate_options(method: str, probe_kind: str | None, rtol: float | None, names: list[str]) -> None:
     """Usage errors in the estimation options: exit 2 before any model is loaded."""
     from ..core.probes import Probe
-    from ..metrics.api import Method
+    from ..metrics import Method
 
     methods = [m.value for m in Method]
     if method not in methods:

@@ -283,7 +283,7 @@ EXACT_MAX_PASSES = 4000
 
 
 def exact_feasible(K: Any) -> bool:
-    from ..metrics.api import EXACT_MAX_ENTRIES
+    from ..metrics import EXACT_MAX_ENTRIES
 
     return min(K.dim, K.num_params) <= EXACT_MAX_PASSES and K.dim * K.num_params <= EXACT_MAX_ENTRIES
 
@@ -295,7 +295,7 @@ def exact_values(K: Any, targets: torch.Tensor | None) -> dict[str, Any]:
     effective rank ``(tr K)²/‖K‖_F²``; target alignment ``‖Jᵀy‖² / (‖K‖_F ‖y‖²)``.
     """
     from ..estimators import exact as ex
-    from ..metrics.api import _as_targets
+    from ..metrics import as_targets as _as_targets
 
     t0 = time.perf_counter()
     c0 = K.counts()

@@ -1,7 +1,48 @@
 """The public metrics — trace, Frobenius norm, effective rank, alignment — and what builds on
 them: automatic method choice, tolerance-driven adaptive runs, structure over named axes,
-parameter blocks and the spectrum."""
+parameter blocks and the spectrum.
 
-from .api import Method, alignment, choose_method, effective_rank, frobenius_norm, target_alignment, trace
+Front ends import from this package, never from its modules: the names below are its surface.
+"""
 
-__all__ = ["Method", "trace", "frobenius_norm", "effective_rank", "alignment", "target_alignment", "choose_method"]
+from .adaptive import ConvergenceWarning
+from .api import (
+    DEFAULT_PROBES,
+    EXACT_MAX_ENTRIES,
+    Method,
+    alignment,
+    choose_method,
+    effective_rank,
+    frobenius_norm,
+    target_alignment,
+    trace,
+)
+from .api import _as_targets as as_targets
+from .api import _parse_method as parse_method
+from .blocks import ParameterBlocks, parameter_blocks
+from .spectrum import entropy_effective_rank, spectral_density, top_eigenvalues
+from .structure import block_effective_rank, block_frobenius, block_traces, structure
+
+__all__ = [
+    "Method",
+    "parse_method",
+    "DEFAULT_PROBES",
+    "EXACT_MAX_ENTRIES",
+    "as_targets",
+    "trace",
+    "frobenius_norm",
+    "effective_rank",
+    "alignment",
+    "target_alignment",
+    "choose_method",
+    "ConvergenceWarning",
+    "ParameterBlocks",
+    "parameter_blocks",
+    "top_eigenvalues",
+    "spectral_density",
+    "entropy_effective_rank",
+    "structure",
+    "block_traces",
+    "block_frobenius",
+    "block_effective_rank",
+]
