@@ -82,6 +82,7 @@ def _room(name: str) -> str:
     return parts[1] if len(parts) > 1 else "__init__"
 
 
+@pytest.mark.xfail(reason="issue 12: rooms being split", strict=True)
 def test_imports_run_one_way() -> None:
     bad = []
     for name, path in MODULES.items():
@@ -139,6 +140,7 @@ def test_import_ntkscope_loads_no_extras() -> None:
     assert out == [], f"import ntkscope loads the optional {out}"
 
 
+@pytest.mark.xfail(reason="issue 12: rooms being split", strict=True)
 def test_modules_and_functions_stay_small() -> None:
     big = []
     for path in MODULES.values():

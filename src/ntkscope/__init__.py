@@ -25,9 +25,13 @@ from . import distributed as distributed  # registers the probe-parallel default
 from .core.estimate import Estimate
 from .core.probes import Probe
 from .metrics import (
+    BlockEstimate,
     ConvergenceWarning,
+    Eigen,
     Method,
     ParameterBlocks,
+    SpectralDensity,
+    Structure,
     alignment,
     block_effective_rank,
     block_frobenius,
@@ -44,7 +48,7 @@ from .metrics import (
     trace,
 )
 from .models.recurrent import RecurrentNTK, hidden_ntk, step_ntk
-from .models.transformer import transformer_ntk
+from .models.transformer import TransformerNTK, transformer_ntk
 from .monitor import Monitor
 from .operators.base import CallableOperator, DenseOperator, FactoredKernel, KernelOperator, as_operator
 from .operators.ntk import NTK
@@ -79,6 +83,11 @@ __all__ = [
     "block_frobenius",
     "block_effective_rank",
     "transformer_ntk",
+    "TransformerNTK",
+    "Structure",
+    "BlockEstimate",
+    "Eigen",
+    "SpectralDensity",
     "Monitor",
     "parameter_blocks",
     "ParameterBlocks",

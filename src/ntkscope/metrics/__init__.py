@@ -20,8 +20,8 @@ from .api import (
 from .api import _as_targets as as_targets
 from .api import _parse_method as parse_method
 from .blocks import ParameterBlocks, parameter_blocks
-from .spectrum import entropy_effective_rank, spectral_density, top_eigenvalues
-from .structure import block_effective_rank, block_frobenius, block_traces, structure
+from .spectrum import Eigen, SpectralDensity, entropy_effective_rank, spectral_density, top_eigenvalues
+from .structure import BlockEstimate, Structure, block_effective_rank, block_frobenius, block_traces, structure
 
 __all__ = [
     "Method",
@@ -45,4 +45,8 @@ __all__ = [
     "block_traces",
     "block_frobenius",
     "block_effective_rank",
+    "Structure",
+    "BlockEstimate",
+    "Eigen",
+    "SpectralDensity",
 ]
