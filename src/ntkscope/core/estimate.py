@@ -17,7 +17,7 @@ class Estimate:
     Attributes:
         value: the estimate (a Python float).
         stderr: its standard error; ``None`` only for exact values.  For ratios it comes from
-            the delete-one jackknife over probes (see :func:`ntkscope.metrics.combine`); for Hutch++ it is conditional on the
+            the delete-one jackknife over probes (see :func:`ntkscope.core.jackknife.combine`); for Hutch++ it is conditional on the
             sketch; for XTrace it is the method's own exchangeable error estimate.
         jvp_passes / vjp_passes: forward- and reverse-mode AD passes spent (one pass = one
             probe vector pushed through J or Jᵀ), including any pilot passes of ``method="auto"``.
