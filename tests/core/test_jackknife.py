@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ntkscope.core.jackknife import Part, combine, dof, mean_loo, pair_mean_loo
+from ntkscope.core.jackknife import Part, combine, dof, mean_loo, pair_mean_loo, pair_mean_loo_rows
 
 
 def test_mean_loo_is_the_mean_without_each_sample() -> None:
@@ -58,3 +58,16 @@ def test_independent_parts_add_variances_and_exact_parts_add_none() -> None:
     assert dof([Part.means(x), Part.means(y), Part.exact(1.0)]) == 49 and dof([Part.exact(1.0)]) is None
     _, s1, _ = combine([Part.means(x[:1])], lambda c: c[..., 0])
     assert s1 == math.inf  # one sample: no spread to measure
+
+
+@pytest.mark.parametrize("independent", [False, True])
+def test_pair_statistics_from_row_blocks_equal_the_whole_matrix(independent: bool) -> None:
+    g = torch.Generator().manual_seed(5)
+    A, B = torch.randn(23, 6, dtype=torch.float64, generator=g), torch.randn(23, 6, dtype=torch.float64, generator=g)
+    H = (A @ B.T) ** 2 if independent else (A @ A.T) ** 2
+    full, loo = pair_mean_loo(H, independent_diag=independent)
+    f2, l2 = pair_mean_loo_rows(lambda s, e: H[s:e], 23, independent_diag=independent, block=5)
+    assert float(f2) == pytest.approx(float(full), rel=1e-12)
+    assert torch.allclose(l2, loo, rtol=1e-12)
+    with pytest.raises(ValueError, match="num_probes >= 2"):
+        pair_mean_loo_rows(lambda s, e: H[s:e, :1], 1)

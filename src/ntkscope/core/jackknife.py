@@ -116,3 +116,32 @@ def combine(parts: Sequence[Part], fn: Callable[[torch.Tensor], torch.Tensor]) -
                 bias += float((m - 1) * (mv - value))
         start += k
     return value, math.sqrt(var), value - bias
+
+
+def pair_mean_loo_rows(
+    rows: Callable[[int, int], torch.Tensor], m: int, independent_diag: bool = False, block: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`pair_mean_loo` of an ``(m, m)`` matrix given by row blocks, never held whole.
+
+    ``rows(s, e)`` returns ``H[s:e]`` (``(e − s, m)``).  The pair mean and its leave-one-out
+    values need only the total, the row and column sums and the diagonal, accumulated
+    ``block`` rows at a time: memory ``O(block · m)`` instead of ``O(m²)``, so a one-sided probe
+    Gram ``S_ij = w_iᵀKw_j`` of tens of thousands of probes costs no more than its vectors.
+    """
+    if m < 2:
+        raise ValueError(f"pair statistics (one-sided Frobenius norms and ratios) need num_probes >= 2, got {m}")
+    row, col, diag = (torch.zeros(m, dtype=torch.float64) for _ in range(3))
+    for s in range(0, m, block):
+        e = min(m, s + block)
+        Hb = rows(s, e).to(torch.float64).cpu()
+        row[s:e] = Hb.sum(1)
+        col += Hb.sum(0)
+        diag[s:e] = Hb[torch.arange(e - s), torch.arange(s, e)]
+    if independent_diag:
+        total = row.sum()
+        return total / m**2, (total - row - col + diag) / (m - 1) ** 2
+    row, col = row - diag, col - diag
+    total = row.sum()
+    full = total / (m * (m - 1))
+    loo = (total - row - col) / ((m - 1) * (m - 2)) if m > 2 else torch.full((m,), float("nan"))
+    return full, loo
