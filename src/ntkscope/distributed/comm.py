@@ -37,12 +37,14 @@ class RankFailedError(RuntimeError):
 
 
 def comm_device(group: Group) -> torch.device:
+    """Where ``group``'s collectives take their tensors: the current CUDA device for NCCL, else the CPU."""
     if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
 def group_ranks(group: Group) -> list[int]:
+    """The global ranks of ``group`` (None: the world), in group-rank order."""
     return list(dist.get_process_group_ranks(group if group is not None else dist.group.WORLD))
 
 
