@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ntkscope.cli import track as tr
-from ntkscope.cli.demo import Spec
+from ntkscope.cli.spec import Spec
 
 
 def _spec(seed: int = 0) -> Spec:

@@ -10,10 +10,15 @@
 * :func:`mlp`, :class:`RecurrentClassifier`, :class:`RecurrentRegressor` — small models.
 
 All data come back as float tensors of the requested dtype; every generator takes a seed.
+:func:`digits` needs scikit-learn and :func:`mnist1d_sequences` the ``mnist1d`` package (the
+``data`` extra: ``pip install 'ntkscope[data]'``); each is imported only when its data set is made.
 """
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import torch
 from torch import nn
 
@@ -28,7 +33,10 @@ def digits(
     Pixels scaled to [0, 1] and centred per feature (train statistics); labels are int64.
     ``n`` caps the training set size.  The split is a seeded permutation.
     """
-    from sklearn.datasets import load_digits
+    try:  # on demand: scikit-learn is the optional data extra
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise ImportError("ntkscope.tasks.digits needs scikit-learn: pip install 'ntkscope[data]'") from e
 
     data = load_digits()
     X = torch.tensor(data.data, dtype=torch.float64) / 16.0
@@ -60,10 +68,10 @@ def mnist1d_sequences(
     path is never used).  The generator seeds Python's and NumPy's global RNGs; their states are
     restored afterwards.  Returns ``(X_train, y_train, X_test, y_test)`` (80/20 split).
     """
-    import random
-
-    import numpy as np
-    from mnist1d.data import get_dataset_args, make_dataset
+    try:  # on demand: mnist1d is the optional data extra
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError as e:
+        raise ImportError("ntkscope.tasks.mnist1d_sequences needs the mnist1d package: pip install 'ntkscope[data]'") from e
 
     args = get_dataset_args()
     args.num_samples, args.seed = num_samples, seed

@@ -3,6 +3,9 @@
 Exit codes: 0 success; 1 an error while running (the user's code raised, an estimate failed);
 2 a usage error (bad option, missing or unusable model file, factory returning the wrong thing);
 130 interrupted (Ctrl-C; ``track`` keeps its rows and can ``--resume``).
+
+Needs the ``cli`` extra (typer, rich); ``run`` and the built-in digits models the ``data`` extra
+(scikit-learn), ``track``'s PNGs and ``plot`` the ``plot`` extra (matplotlib).
 """
 
 from __future__ import annotations
@@ -16,9 +19,23 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
-import typer
-from rich.console import Console
-from rich.table import Table
+import torch
+
+try:
+    import typer
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+except ImportError as e:
+    raise ImportError(f"the ntkscope command line needs typer and rich ({e}): pip install 'ntkscope[cli]'") from e
+
+from .. import distributed
+from ..core.probes import Probe
+from ..metrics import Method
+from . import compare
+from . import track as tr
+from .demo import run_demo
+from .spec import SpecError, UserCodeError, load_spec
 
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 DEFAULT_METRICS = "trace,frobenius_norm,effective_rank,target_alignment"
@@ -46,27 +63,11 @@ app = typer.Typer(
 err_console = Console(stderr=True)
 
 
-class _Dist:
-    """The distributed hook: probe-parallel metrics under torchrun, printing on rank 0 only."""
-
-    def __init__(self) -> None:
-        self.mod: Any = None
-        try:
-            from ntkscope import distributed  # type: ignore[attr-defined]
-
-            distributed.init_from_env()
-            self.mod = distributed
-        except (ImportError, AttributeError):
-            self.mod = None
-
-    @property
-    def main(self) -> bool:
-        if self.mod is None:
-            return True
-        try:
-            return bool(self.mod.is_main_process())
-        except AttributeError:
-            return True
+def _init_distributed() -> bool:
+    """Join torchrun's process group if launched by it (metrics then run probe-parallel);
+    True on the process that prints and writes files (rank 0, or the only one)."""
+    distributed.init_from_env()
+    return distributed.is_main_process()
 
 
 def _fail(message: str, code: int = EXIT_ERROR, details: str | None = None) -> typer.Exit:
@@ -81,9 +82,6 @@ def _fail(message: str, code: int = EXIT_ERROR, details: str | None = None) -> t
 @contextmanager
 def _errors() -> Iterator[None]:
     """Map our exceptions to one-line messages and conventional exit codes."""
-    from .demo import SpecError, UserCodeError
-    from .track import SettingsMismatchError
-
     try:
         yield
     except typer.Exit:
@@ -92,7 +90,7 @@ def _errors() -> Iterator[None]:
         raise _fail("interrupted", EXIT_INTERRUPTED) from None
     except SpecError as e:
         raise _fail(str(e), EXIT_USAGE) from None
-    except SettingsMismatchError as e:
+    except tr.SettingsMismatchError as e:
         raise _fail(str(e), EXIT_USAGE) from None
     except UserCodeError as e:
         raise _fail(str(e), EXIT_ERROR, e.user_traceback) from None
@@ -108,8 +106,6 @@ def _progress(quiet: bool, total: int | None = None) -> Iterator[Callable[..., N
     if quiet:
         yield lambda *a, **k: None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
     cols: list[Any] = [SpinnerColumn(), TextColumn("{task.description}")]
     if total is not None:
         cols += [BarColumn(), MofNCompleteColumn()]
@@ -215,13 +211,11 @@ def run(
     quiet: QuietOpt = False,
 ) -> None:
     """The built-in demo: train a small MLP (sklearn digits) and a small GRU (3-bit flip-flop) briefly, then estimate trace, Frobenius norm, effective rank and kernel-target alignment of each NTK with ± stderr, AD passes and wall time, next to the exact values and the speed-up."""  # noqa: E501
-    dist = _Dist()
-    from .demo import run_demo
-
+    main_process = _init_distributed()
     t0 = time.perf_counter()
-    with _errors(), _progress(quiet or not dist.main) as update:
+    with _errors(), _progress(quiet or not main_process) as update:
         results = run_demo(seed, probes, method=method, progress=lambda s: update(s))
-    if dist.main:
+    if main_process:
         extra = {"command": "run", "seed": seed, "probes": probes, "method": method}
         _print_results(
             results,
@@ -264,22 +258,18 @@ def estimate(
 
     Example: ntkscope estimate --model my_model.py:make --metrics trace,effective_rank --json
     """
-    import torch
-
-    from . import demo
-
-    dist = _Dist()
+    main_process = _init_distributed()
     names = [m.strip() for m in metrics.split(",") if m.strip()]
-    bad = [m for m in names if m not in demo.METRICS]
+    bad = [m for m in names if m not in compare.METRICS]
     if bad or not names:
-        raise _fail(f"unknown metric(s) {bad or metrics!r}; choose from {', '.join(demo.METRICS)}", EXIT_USAGE)
+        raise _fail(f"unknown metric(s) {bad or metrics!r}; choose from {', '.join(compare.METRICS)}", EXIT_USAGE)
     dtypes = {"float32": torch.float32, "float64": torch.float64}
     if dtype is not None and dtype not in dtypes:
         raise _fail(f"--dtype must be float32 or float64, got {dtype!r}", EXIT_USAGE)
     _check_estimate_options(method, probe_kind, rtol, names)
     t0 = time.perf_counter()
     with _errors():
-        spec = demo.load_spec(model, seed=seed)
+        spec = load_spec(model, seed=seed)
         if "target_alignment" in names and spec.targets is None:
             if metrics != DEFAULT_METRICS:  # asked for explicitly
                 raise _fail("target_alignment needs targets: return (model, inputs, targets) from the factory", EXIT_USAGE)
@@ -296,18 +286,15 @@ def estimate(
             kw["probes"] = probe_kind
         if rtol is not None:
             kw["rtol"] = rtol
-        with _progress(quiet or not dist.main) as update:
-            res = demo.evaluate(spec, names, exact=exact, progress=lambda m: update(f"{spec.name}: {m}"), **kw)
-    if dist.main:
+        with _progress(quiet or not main_process) as update:
+            res = compare.evaluate(spec, names, exact=exact, progress=lambda m: update(f"{spec.name}: {m}"), **kw)
+    if main_process:
         extra = {"command": "estimate", "model": model, "seed": seed, "probes": num_probes, "method": method, "dtype": dtype}
         _print_results([res], f"NTK of {spec.name} ({num_probes} probes, seed {seed})", time.perf_counter() - t0, as_json, extra)
 
 
 def _check_estimate_options(method: str, probe_kind: str | None, rtol: float | None, names: list[str]) -> None:
     """Usage errors in the estimation options: exit 2 before any model is loaded."""
-    from ..core.probes import Probe
-    from ..metrics import Method
-
     methods = [m.value for m in Method]
     if method not in methods:
         raise _fail(f"unknown --method {method!r}; choose one of {', '.join(methods)}", EXIT_USAGE)
@@ -325,8 +312,6 @@ def _check_estimate_options(method: str, probe_kind: str | None, rtol: float | N
 
 
 def _cast(x: Any, dt: Any) -> Any:
-    import torch
-
     if isinstance(x, torch.Tensor):
         return x.to(dt) if x.is_floating_point() else x
     if isinstance(x, (tuple, list)):
@@ -370,13 +355,10 @@ def track(
     """Train a model and record its NTK metrics every --every steps: trace, effective rank, alignment of K_t with K_0 (how far the kernel moved) and kernel-target alignment, each ± stderr.
 
     Ctrl-C keeps every row written so far; run the same command with --resume to continue; the rows equal those of an uninterrupted run (fixed probe seeds per step, checkpointed model, optimizer and RNG)."""  # noqa: E501
-    from . import demo
-    from . import track as tr
-
-    dist = _Dist()
-    quiet = quiet or not dist.main
+    main_process = _init_distributed()
+    quiet = quiet or not main_process
     with _errors():
-        spec = demo.load_spec(model, seed=seed)
+        spec = load_spec(model, seed=seed)
         if spec.targets is None:
             raise _fail("track needs targets: return (model, inputs, targets) from the factory", EXIT_USAGE)
         if resume and overwrite:
@@ -392,6 +374,8 @@ def track(
         for lg, module, extra_name in (("tensorboard", "tensorboard", "tensorboard"), ("wandb", "wandb", "wandb")):
             if lg in extra and importlib.util.find_spec(module) is None:
                 raise _fail(f"--logger {lg} needs the {module} package: pip install 'ntkscope[{extra_name}]'", EXIT_USAGE)
+        if plots and main_process and importlib.util.find_spec("matplotlib") is None:
+            raise _fail("the PNG plots need matplotlib: pip install 'ntkscope[plot]', or pass --no-plots", EXIT_USAGE)
         with _progress(quiet, total=steps) as update:
             update(f"tracking {spec.name}")
 
@@ -413,7 +397,7 @@ def track(
 
             rows = tr.track(
                 spec,
-                out if dist.main else out.with_name(out.name + ".rank-local"),
+                out if main_process else out.with_name(out.name + ".rank-local"),
                 steps=steps,
                 every=every,
                 optimizer=optimizer,
@@ -429,9 +413,8 @@ def track(
                 on_row=on_row,
                 on_step=on_step,
             )
-        if dist.main and plots:
-            from . import plot
-
+        if main_process and plots:
+            plot = _plot_module()
             written = []
             for m in ("loss", *tr.TRACK_METRICS):
                 png = out.with_name(f"{out.stem}_{m}.png")
@@ -443,6 +426,15 @@ def track(
                 err_console.print(f"wrote {out} ({len(rows)} rows) and plots {all_png}, " + ", ".join(written), highlight=False)
 
 
+def _plot_module() -> Any:
+    """:mod:`ntkscope.cli.plot`, imported when a figure is drawn: matplotlib is the optional ``plot`` extra."""
+    try:
+        from . import plot
+    except ImportError as e:
+        raise _fail(str(e), EXIT_ERROR) from None
+    return plot
+
+
 @app.command("plot")
 def plot_cmd(
     csv_file: Annotated[Path, typer.Argument(help="A CSV written by 'ntkscope track'.", exists=True, dir_okay=False)],
@@ -452,8 +444,7 @@ def plot_cmd(
     metrics: Annotated[str | None, typer.Option(help="Comma-separated columns to plot in one figure (default: all tracked, plus one PNG each).")] = None,
 ) -> None:
     """Plot a 'ntkscope track' CSV: one PNG per metric over training steps (± 1 stderr error bars) and one with all of them."""
-    from . import plot
-
+    plot = _plot_module()
     with _errors():
         path = out or csv_file.with_suffix(".png")
         try:

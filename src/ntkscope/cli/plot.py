@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.figure import Figure
+
+try:
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+except ImportError as e:
+    raise ImportError("ntkscope plot needs matplotlib: pip install 'ntkscope[plot]'") from e
+
+from .. import metrics as mt
+from .track import COLUMNS, TRACK_METRICS, read_rows
 
 __all__ = ["convergence", "per_time_step", "training", "training_pngs", "read_track_csv", "NotTrackCSV", "LABELS"]
 
@@ -62,9 +70,7 @@ def convergence(
     draws none.  ``quantity`` names a metric of :mod:`ntkscope` (``"trace"``,
     ``"frobenius_norm"``, ``"effective_rank"``, ``"target_alignment"`` with ``targets``).
     """
-    import ntkscope as nk
-
-    fn: Callable[..., Any] = getattr(nk, quantity)
+    fn: Callable[..., Any] = getattr(mt, quantity)
     args = (K, targets) if quantity == "target_alignment" else (K,)
     fig = Figure(figsize=(6.4, 4.2), layout="constrained")
     ax = fig.add_subplot()
@@ -139,8 +145,6 @@ def per_time_step(
 
 def read_track_csv(path: str | Path) -> list[dict[str, Any]]:
     """The rows of a ``ntkscope track`` CSV; :class:`NotTrackCSV` for anything else."""
-    from .track import COLUMNS, read_rows
-
     p = Path(path)
     try:
         head = p.read_bytes()[:4096].decode("utf-8").split("\n", 1)[0]
@@ -174,8 +178,6 @@ def training_pngs(
 ) -> list[Path]:
     """One PNG per metric (``OUT_<metric>.png``) and one with every panel (``OUT.png``)."""
     data = read_track_csv(rows) if isinstance(rows, (str, Path)) else list(rows)
-    from .track import TRACK_METRICS
-
     out = Path(out)
     name = title or out.stem
     written = []
@@ -200,10 +202,6 @@ def training(
     ``rows``: a ``ntkscope track`` CSV path or its rows (:func:`ntkscope.cli.track.read_rows`).
     ``metrics`` defaults to every tracked metric present, plus the loss.
     """
-    from matplotlib.ticker import MaxNLocator
-
-    from .track import TRACK_METRICS
-
     data = read_track_csv(rows) if isinstance(rows, (str, Path)) else list(rows)
     if not data:
         raise ValueError("no rows to plot")

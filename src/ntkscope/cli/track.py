@@ -30,9 +30,9 @@ CSV rows up to the checkpoint's last row (a half-written last line or a row writ
 checkpoint is dropped) and records from the checkpoint's step on; the rows then equal those of an
 uninterrupted run.  A new run refuses to replace an existing CSV unless ``overwrite=True``.
 
-The training loop is kept separate from the measurement (:func:`_train_step`, :func:`_loss`), so
-that a reparametrised training form (such as an α-scaled model) can be added as an option of the
-loop without touching the Monitor.
+The training loop (:func:`ntkscope.cli.train.train_step`) is kept separate from the measurement
+(the Monitor), so that a reparametrised training form (such as an α-scaled model) can be added as
+an option of the loop without touching the Monitor.
 """
 
 from __future__ import annotations
@@ -40,14 +40,18 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..monitor import CSVLogger, Monitor, _analysis_mode, columns, make_logger, read_rows
-from .demo import Spec, evaluate_loss, make_optimizer, train_step
+from .. import distributed
+from ..monitor import CSVLogger, Monitor, columns, read_rows
+from ..monitor.isolation import analysis_mode
+from ..monitor.loggers import make_logger
+from .spec import Spec
+from .train import evaluate_loss, make_optimizer, train_step
 
 __all__ = ["TRACK_METRICS", "COLUMNS", "track", "read_rows", "checkpoint_path", "SettingsMismatchError"]
 
@@ -102,12 +106,39 @@ class _JSONLLogger:
 
 def _loss(spec: Spec) -> float:
     """The training loss at the current parameters, in eval mode (modes restored), no update."""
-    with _analysis_mode(spec.model), torch.no_grad():
+    with analysis_mode(spec.model), torch.no_grad():
         return evaluate_loss(spec)
 
 
-def _train_step(spec: Spec, opt: torch.optim.Optimizer) -> None:
-    train_step(spec, opt)
+def _restore(spec: Spec, opt: torch.optim.Optimizer, out: Path, config: Mapping[str, Any]) -> dict[str, Any]:
+    """The interrupted run's checkpoint, its settings checked against ``config`` (all but ``steps``
+    must match), with the model, the optimizer and the RNG restored from it."""
+    ckpt_path = checkpoint_path(out)
+    if not ckpt_path.is_file() or not out.is_file():
+        raise FileNotFoundError(f"nothing to resume: {out} or its checkpoint {ckpt_path.name} is missing")
+    state = torch.load(ckpt_path, weights_only=True)
+    saved = state["config"]
+    diff = {k: (saved.get(k), v) for k, v in config.items() if k != "steps" and saved.get(k) != v}
+    if diff:
+        detail = ", ".join(f"{k}: interrupted run {a!r}, now {b!r}" for k, (a, b) in diff.items())
+        raise SettingsMismatchError(f"--resume with different settings than the interrupted run ({detail})")
+    spec.model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    return state
+
+
+def _row_loggers(
+    out: Path, jsonl: bool, loggers: Sequence[Any], on_row: Callable[[dict[str, Any]], None] | None
+) -> list[Any]:
+    """Where :func:`track`'s rows go: the CSV ``out``, its JSON lines, the extra loggers, ``on_row``."""
+    logs: list[Any] = [CSVLogger(out, overwrite=True)]
+    if jsonl:
+        logs.append(_JSONLLogger(out.with_suffix(".jsonl")))
+    logs += [make_logger(lg, out) for lg in loggers]
+    if on_row is not None:
+        logs.append(lambda s, row: on_row(row))
+    return logs
 
 
 def track(
@@ -145,7 +176,6 @@ def track(
         raise ValueError(f"init_scale must be a positive number, got {init_scale}")
     out = Path(out)
     ckpt_path = checkpoint_path(out)
-    jsonl_path = out.with_suffix(".jsonl") if jsonl else None
     config = {
         "steps": steps,
         "every": every,
@@ -159,17 +189,7 @@ def track(
     opt = make_optimizer(spec.model, optimizer, lr)
     state: dict[str, Any] | None = None
     if resume:
-        if not ckpt_path.is_file() or not out.is_file():
-            raise FileNotFoundError(f"nothing to resume: {out} or its checkpoint {ckpt_path.name} is missing")
-        state = torch.load(ckpt_path, weights_only=True)
-        saved = state["config"]
-        diff = {k: (saved.get(k), v) for k, v in config.items() if k != "steps" and saved.get(k) != v}
-        if diff:
-            detail = ", ".join(f"{k}: interrupted run {a!r}, now {b!r}" for k, (a, b) in diff.items())
-            raise SettingsMismatchError(f"--resume with different settings than the interrupted run ({detail})")
-        spec.model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
+        state = _restore(spec, opt, out, config)
         step = int(state["step"])
     else:
         if out.exists() and out.stat().st_size > 0 and not overwrite:
@@ -179,12 +199,6 @@ def track(
                 p.mul_(init_scale)
         step = 0
 
-    logs: list[Any] = [CSVLogger(out, overwrite=True)]
-    if jsonl_path is not None:
-        logs.append(_JSONLLogger(jsonl_path))
-    logs += [make_logger(lg, out) for lg in loggers]
-    if on_row is not None:
-        logs.append(lambda s, row: on_row(row))
     monitor = Monitor(
         spec.model,
         spec.inputs,
@@ -195,10 +209,8 @@ def track(
         num_probes=num_probes,
         method=str(state["monitor"]["method"]) if state is not None else method,
         seed=seed,
-        loggers=logs,
+        loggers=_row_loggers(out, jsonl, loggers, on_row),
     )
-    from .. import distributed
-
     monitor.probe_parallel = distributed.is_initialized()  # under torchrun every rank records together
     if state is not None:
         monitor.load_state_dict(state["monitor"])
@@ -221,7 +233,7 @@ def track(
             checkpoint(step)
         monitor.record(step, loss=_loss(spec))  # the checkpoint's step: not yet in its rows
         while step < steps:
-            _train_step(spec, opt)
+            train_step(spec, opt)
             step += 1
             if on_step:
                 on_step(step)
@@ -231,9 +243,3 @@ def track(
     finally:
         monitor.close()
     return monitor.rows
-
-
-def iter_metric(rows: list[dict[str, Any]], metric: str) -> Iterator[tuple[int, float, float]]:
-    """``(step, value, stderr)`` of one metric over rows."""
-    for r in rows:
-        yield r["step"], r[metric], r.get(f"{metric}_stderr", 0.0)

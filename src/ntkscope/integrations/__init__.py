@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from ..monitor.loggers import scalars
+
 __all__ = ["prefixed", "monitor_settings"]
 
 
@@ -27,6 +29,4 @@ def monitor_settings(every_n_steps: Any, **kw: Any) -> dict[str, Any]:
 
 def prefixed(row: Mapping[str, Any], prefix: str = "ntk/") -> dict[str, float]:
     """A Monitor row as loggable scalars: ``ntk/<metric>``, ``ntk/<metric>_stderr``, passes, seconds."""
-    from ..monitor import _row_metrics, _scalars
-
-    return _scalars(row, _row_metrics(row), prefix)
+    return scalars(row, prefix)

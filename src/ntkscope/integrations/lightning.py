@@ -34,7 +34,10 @@ from typing import Any
 try:
     import lightning.pytorch as pl
 except ImportError:  # the standalone package name
-    import pytorch_lightning as pl  # type: ignore[no-redef]
+    try:
+        import pytorch_lightning as pl  # type: ignore[no-redef]
+    except ImportError as e:
+        raise ImportError("ntkscope.integrations.lightning needs PyTorch Lightning: pip install 'ntkscope[lightning]'") from e
 
 from torch import nn
 

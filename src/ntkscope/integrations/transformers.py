@@ -31,7 +31,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from transformers import Trainer, TrainerCallback
+try:
+    from transformers import Trainer, TrainerCallback
+except ImportError as e:
+    raise ImportError("ntkscope.integrations.transformers needs Hugging Face transformers: pip install 'ntkscope[hf]'") from e
 
 from ..monitor import DEFAULT_METRICS, Monitor
 from . import monitor_settings, prefixed

@@ -68,16 +68,17 @@ import datetime
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from .core import executor
-from .core.probes import BLOCK
-from .operators.base import FactoredKernel
-from .operators.ntk import NTK
+from ..core import executor
+from ..core.probes import BLOCK
+from ..operators.base import FactoredKernel
+from ..operators.ntk import NTK
+from .comm import CommStats, Group, RankFailedError, comm_device, gather_rows, group_ranks, raise_agreed
 
 __all__ = [
     "init_from_env",
@@ -96,24 +97,6 @@ __all__ = [
     "job_passes",
     "CommStats",
 ]
-
-Group = Any  # a torch.distributed ProcessGroup, or None for the default (world) group
-
-_DTYPES = [
-    torch.float64,
-    torch.float32,
-    torch.float16,
-    torch.bfloat16,
-    torch.complex64,
-    torch.complex128,
-    torch.int64,
-    torch.int32,
-]
-_MAXDIM = 6
-
-
-class RankFailedError(RuntimeError):
-    """Another rank failed during a collective step; the message carries its error."""
 
 
 # -- launch helpers ------------------------------------------------------------------------------
@@ -171,65 +154,6 @@ def init_from_env(timeout_s: float = 300.0, backend: str | None = None) -> bool:
 def _destroy() -> None:
     if is_initialized():
         dist.destroy_process_group()
-
-
-def _comm_device(group: Group) -> torch.device:
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _group_ranks(group: Group) -> list[int]:
-    return list(dist.get_process_group_ranks(group if group is not None else dist.group.WORLD))
-
-
-# -- statistics for benchmarks --------------------------------------------------------------------
-
-
-@dataclass
-class CommStats:
-    """Wall time split into local compute and collectives, with bytes moved (this rank)."""
-
-    compute_s: float = 0.0
-    comm_s: float = 0.0
-    comm_bytes: int = 0
-    calls: int = 0
-    rows: int = 0
-    log: list[tuple[str, float, int]] = field(default_factory=list, repr=False)
-
-    def add(self, what: str, seconds: float, nbytes: int) -> None:
-        self.comm_s += seconds
-        self.comm_bytes += nbytes
-        self.calls += 1
-        if len(self.log) < 10_000:
-            self.log.append((what, seconds, nbytes))
-
-    def reset(self) -> None:
-        self.compute_s = self.comm_s = 0.0
-        self.comm_bytes = self.calls = self.rows = 0
-        self.log.clear()
-
-
-# -- collective error protocol -----------------------------------------------------------------
-
-
-def _raise_agreed(group: Group, own: BaseException | None, where: str) -> None:
-    """Called by every rank once a collective flagged a failure: all learn who failed and why.
-
-    The failing ranks re-raise their own exception; the others raise :class:`RankFailedError`
-    naming the failing ranks and their errors (secondary failures are shown only if no primary).
-    """
-    mine = "" if own is None else f"{type(own).__name__}: {own}"
-    secondary = isinstance(own, RankFailedError)
-    msgs: list[Any] = [None] * world_size(group)
-    dist.all_gather_object(msgs, (mine, secondary), group=group)
-    granks = _group_ranks(group)
-    primary = [(granks[i], m) for i, (m, sec) in enumerate(msgs) if m and not sec]
-    shown = primary or [(granks[i], m) for i, (m, _) in enumerate(msgs) if m]
-    text = "; ".join(f"rank {r}: {m}" for r, m in shown)
-    if own is not None and not secondary:
-        raise own
-    raise RankFailedError(f"ntkscope.distributed: {where} failed on rank(s) {[r for r, _ in shown]}: {text}") from own
 
 
 # -- probe-parallel ------------------------------------------------------------------------------
@@ -290,56 +214,20 @@ class ProbeParallel:
             _ACTIVE = prev
         self.stats.compute_s += time.perf_counter() - t0
         self.stats.rows += stop - start
-        dev = _comm_device(self.group)
-        # metadata: [failed, rows, ndim, dtype, cuda, *shape]; rows' trailing shape is the same everywhere
-        meta = torch.zeros(5 + _MAXDIM, dtype=torch.int64, device=dev)
-        if error is not None:
-            meta[0] = 1
-        elif rows is not None:
-            if rows.dim() - 1 > _MAXDIM or rows.dtype not in _DTYPES:
-                error = ValueError(f"probe rows of shape {tuple(rows.shape)} and dtype {rows.dtype} cannot be gathered")
-                meta[0] = 1
-            else:
-                meta[1] = rows.shape[0]
-                meta[2] = rows.dim() - 1
-                meta[3] = _DTYPES.index(rows.dtype)
-                meta[4] = int(rows.is_cuda)
-                meta[5 : 5 + rows.dim() - 1] = torch.tensor(rows.shape[1:])
-        metas = [torch.empty_like(meta) for _ in range(self.size)]
-        t1 = time.perf_counter()
-        dist.all_gather(metas, meta, group=self.group)
-        allmeta = torch.stack(metas).cpu()
-        self.stats.add("meta", time.perf_counter() - t1, meta.numel() * 8 * self.size)
-        if bool(allmeta[:, 0].any()):
-            _raise_agreed(self.group, error, "probe evaluation")
-        ref = allmeta[int(torch.nonzero(allmeta[:, 1] > 0)[0, 0])]
-        shape = tuple(int(x) for x in ref[5 : 5 + int(ref[2])])
-        dtype = _DTYPES[int(ref[3])]
-        out_dev = torch.device("cuda", torch.cuda.current_device()) if int(ref[4]) else torch.device("cpu")
-        counts = [int(c) for c in allmeta[:, 1]]
-        top = max(counts)
-        buf = torch.zeros((top, *shape), dtype=dtype, device=dev)
-        if rows is not None:
-            buf[: rows.shape[0]] = rows.to(dev)
-        parts = [torch.empty_like(buf) for _ in range(self.size)]
-        t2 = time.perf_counter()
-        dist.all_gather(parts, buf, group=self.group)
-        self.stats.add("all_gather", time.perf_counter() - t2, buf.numel() * buf.element_size() * self.size)
-        out = torch.cat([p[:c] for p, c in zip(parts, counts)], 0)
-        return out.to(out_dev)
+        return gather_rows(self.group, rows, error, self.stats)
 
     def total_passes(self, jvp: int, vjp: int) -> tuple[int, int]:
         """``(jvp, vjp)`` summed over the ranks splitting the probes (collective)."""
         if self.size == 1:
             return jvp, vjp
-        t = torch.tensor([jvp, vjp], dtype=torch.int64, device=_comm_device(self.group))
+        t = torch.tensor([jvp, vjp], dtype=torch.int64, device=comm_device(self.group))
         dist.all_reduce(t, group=self.group)
         return int(t[0]), int(t[1])
 
     def agree(self, value: Any) -> Any:
         """Rank 0's ``value`` on every rank (decisions such as ``method="auto"`` must match)."""
         box = [value]
-        dist.broadcast_object_list(box, src=_group_ranks(self.group)[0], group=self.group)
+        dist.broadcast_object_list(box, src=group_ranks(self.group)[0], group=self.group)
         return box[0]
 
     def __repr__(self) -> str:
@@ -499,7 +387,7 @@ class ShardedNTK(FactoredKernel):
         if ex is None or ex.size == 1 or id(ex) in self._checked:
             return
         me = dist.get_rank()
-        overlap = set(_group_ranks(ex.group)) & set(_group_ranks(self.group))
+        overlap = set(group_ranks(ex.group)) & set(group_ranks(self.group))
         if overlap != {me}:
             raise ValueError(
                 "ShardedNTK: the probe-parallel group overlaps this kernel's data group, so ranks that must "
@@ -509,7 +397,7 @@ class ShardedNTK(FactoredKernel):
         self._checked.add(id(ex))
 
     def _collect(self, kind: str, local: torch.Tensor | None, error: BaseException | None, numel: int) -> torch.Tensor:
-        dev = _comm_device(self.group)
+        dev = comm_device(self.group)
         flat = torch.zeros(numel + 1, dtype=self.dtype, device=dev)
         if error is None and local is not None:
             flat[:numel] = local.reshape(-1).to(dev)
@@ -527,7 +415,7 @@ class ShardedNTK(FactoredKernel):
             out = torch.stack(parts)
         self.stats.add(kind, time.perf_counter() - t0, flat.numel() * flat.element_size() * len(self.shard_dims))
         if bool((flags != 0).any()):
-            _raise_agreed(self.group, error, f"ShardedNTK.{'vjp' if kind == 'all_reduce' else 'jvp'} on a shard")
+            raise_agreed(self.group, error, f"ShardedNTK.{'vjp' if kind == 'all_reduce' else 'jvp'} on a shard")
         return out
 
     def _vjp(self, V: torch.Tensor) -> torch.Tensor:
@@ -567,7 +455,7 @@ class ShardedNTK(FactoredKernel):
     # -- facts that must agree on every rank ---------------------------------------------------
 
     def _all(self, flag: bool) -> bool:
-        t = torch.tensor([int(flag)], dtype=torch.int64, device=_comm_device(self.group))
+        t = torch.tensor([int(flag)], dtype=torch.int64, device=comm_device(self.group))
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
         return bool(t.item())
 
@@ -598,6 +486,6 @@ def job_passes(estimate: Any, group: Group = None) -> dict[str, int]:
         return {"jvp_passes": int(estimate.jvp_passes), "vjp_passes": int(estimate.vjp_passes)}
     t = torch.tensor([estimate.jvp_passes, estimate.vjp_passes], dtype=torch.int64)
     if is_initialized():
-        t = t.to(_comm_device(group))
+        t = t.to(comm_device(group))
         dist.all_reduce(t, group=group)
     return {"jvp_passes": int(t[0]), "vjp_passes": int(t[1])}
