@@ -82,7 +82,6 @@ def _room(name: str) -> str:
     return parts[1] if len(parts) > 1 else "__init__"
 
 
-@pytest.mark.xfail(reason="issue 12: rooms being split", strict=True)
 def test_imports_run_one_way() -> None:
     bad = []
     for name, path in MODULES.items():
