@@ -382,7 +382,7 @@ def _analysis_mode(model: nn.Module) -> Iterator[None]:
 @contextlib.contextmanager
 def isolated(model: nn.Module) -> Iterator[None]:
     """The state every record runs in, leaving no trace: see the module docstring."""
-    from .models.transformer import math_attention
+    from .operators.rules import math_attention
 
     with contextlib.ExitStack() as stack:
         stack.enter_context(_rng_preserved(model))

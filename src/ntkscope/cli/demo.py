@@ -214,9 +214,9 @@ def load_spec(spec: str, seed: int = 0) -> Spec:
 
 def select_output(out: Any, output: Any) -> torch.Tensor:
     """The state picked from a model's return value (same rules as :class:`ntkscope.NTK`)."""
-    from ..operators.modules import _select_output
+    from ..operators import modules
 
-    return _select_output(out, output)
+    return modules.select_output(out, output)
 
 
 def _call(model: nn.Module, inputs: Any) -> Any:
