@@ -433,8 +433,8 @@ def plan_memory(ntk: NTK, memory_budget: int | None = None, chunk_size: int | No
 
     Side: the smaller probe space (VJP when ``D ≤ P``), whose one-sided estimator also has the
     lower Rademacher variance when the kernel's diagonal is spread out.  Memory of a chunk of c
-    probes ≈ A + c·(A + s·d_in + (2s + 16)·d_out): the forward's saved activations A (shared by the
-    chunk's passes), per probe a set of intermediate gradients or tangents (≈ A), the probe
+    probes ≈ A + c·(A + s·d_in + (2s + 16)·d_out): the forward's saved activations A (the bytes of
+    their storages, :func:`~ntkscope.operators.modules.saved_activations`; shared by the chunk's passes), per probe a set of intermediate gradients or tangents (≈ A), the probe
     (``d_in`` numbers of s bytes) and its image (``d_out`` = P for a VJP, D for a JVP) held as
     per-parameter parts and concatenated, plus the float64 copy and square the estimators reduce
     in.  The chunk is the largest c that fits (at least 1, at most 256).
@@ -446,7 +446,9 @@ def plan_memory(ntk: NTK, memory_budget: int | None = None, chunk_size: int | No
     act = saved_activations(ntk._f, ntk.primals).nbytes
     per_probe = act + item * d_in + (2 * item + 16) * d_out
     free = available_bytes(ntk.device)
-    budget = int(memory_budget) if memory_budget is not None else min(4 * 2**30, (4 * 2**30 if free is None else free) // 4)
+    if free is None:  # unknown: assume 4 GiB free
+        free = 4 * 2**30
+    budget = int(memory_budget) if memory_budget is not None else min(4 * 2**30, free // 4)
     env = os.environ.get("NTKSCOPE_MEMORY_BUDGET")
     if memory_budget is None and env:
         budget = int(float(env))
