@@ -9,7 +9,8 @@ from torch import nn
 from ntkscope import frobenius_norm, trace
 from ntkscope.core.probes import Probe, ProbeStream
 from ntkscope.estimators import exact as ex
-from ntkscope.models.transformer import select_axes, transformer_ntk
+from ntkscope.models.axes import select_axes
+from ntkscope.models.transformer import transformer_ntk
 
 
 def dense_jacobian(f, params: list[torch.Tensor]) -> torch.Tensor:

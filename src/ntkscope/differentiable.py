@@ -33,16 +33,17 @@ Hutchinson (1989) for the trace estimator; Hoeffding (1948) for U-statistics.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, jvp, vjp, vmap
+from torch.func import functional_call, vjp
 
 from .core.probes import Probe, ProbeStream, parse_probe
-from .models.transformer import math_attention
-from .operators.modules import _check_no_dropout, _select_output, _split_inputs
+from .operators.evaluators import jvp_rows, pullback_rows, unflatten_rows
+from .operators.modules import check_no_dropout, select_output, split_inputs
+from .operators.rules import math_attention
 
 __all__ = [
     "draw_probes",
@@ -77,10 +78,6 @@ def draw_probes(
     return ProbeStream(int(dim), probe, int(seed), stream, dtype, device).columns(0, int(num_probes))
 
 
-def _flat(parts: Iterable[torch.Tensor], m: int) -> torch.Tensor:
-    return torch.cat([p.reshape(m, -1) for p in parts], 1)
-
-
 def function_vectors(
     fn: Callable[[dict[str, torch.Tensor]], torch.Tensor],
     params: Mapping[str, torch.Tensor],
@@ -95,7 +92,9 @@ def function_vectors(
     ``side="jvp"``: probes ``(P, m)`` in parameter space (parameters concatenated in ``params``
     order), rows ``J u_i`` (``(m, D)``).  The result is differentiable with respect to the values
     of ``params`` (leaf tensors requiring grad, or ``torch.func.grad``'s inputs).  ``chunk_size``
-    probes are vmapped at a time (the graph of every chunk is kept until the loss is used).
+    probes are vmapped at a time (the graph of every chunk is kept until the loss is used), with
+    the chunk evaluation :class:`~ntkscope.NTK` uses (:func:`~ntkscope.operators.evaluators.pullback_rows`,
+    :func:`~ntkscope.operators.evaluators.jvp_rows`).
     """
     if side not in ("vjp", "jvp"):
         raise ValueError(f"side must be 'vjp' or 'jvp', got {side!r}")
@@ -103,7 +102,6 @@ def function_vectors(
     if not names:
         raise ValueError("no parameters given")
     values = tuple(params[n] for n in names)
-    numels = [v.numel() for v in values]
 
     def f(*ts: torch.Tensor) -> torch.Tensor:
         return fn(dict(zip(names, ts))).reshape(-1)
@@ -115,22 +113,18 @@ def function_vectors(
     rows = probes.T.to(values[0].dtype)
     outs = []
     if side == "vjp":
-        z, vjp_fn = vjp(f, *values)[:2]
+        z, pullback = vjp(f, *values)[:2]
         if rows.shape[1] != z.numel():
             raise ValueError(f"VJP probes must have the state dimension D={z.numel()}, got {rows.shape[1]}")
         for s in range(0, m, chunk):
-            c = rows[s : s + chunk]
-            outs.append(_flat(vmap(vjp_fn)(c), c.shape[0]))
+            outs.append(torch.cat(pullback_rows(pullback, rows[s : s + chunk]), 1))
     else:
-        if rows.shape[1] != sum(numels):
-            raise ValueError(f"JVP probes must have the parameter dimension P={sum(numels)}, got {rows.shape[1]}")
-
-        def push(u: torch.Tensor) -> torch.Tensor:
-            tangents = tuple(t.reshape(v.shape) for t, v in zip(torch.split(u, numels), values))
-            return jvp(f, values, tangents)[1]
-
+        num_params = sum(v.numel() for v in values)
+        if rows.shape[1] != num_params:
+            raise ValueError(f"JVP probes must have the parameter dimension P={num_params}, got {rows.shape[1]}")
+        shapes = [v.shape for v in values]
         for s in range(0, m, chunk):
-            outs.append(vmap(push)(rows[s : s + chunk]))
+            outs.append(jvp_rows(f, values, unflatten_rows(rows[s : s + chunk], shapes)))
     return torch.cat(outs, 0) if len(outs) > 1 else outs[0]
 
 
@@ -155,7 +149,7 @@ def ntk_vectors(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    _check_no_dropout(model)
+    check_no_dropout(model)
     for name, m in model.named_modules():
         if isinstance(m, nn.MultiheadAttention) and m.training and m.dropout > 0:
             raise ValueError(
@@ -163,13 +157,13 @@ def ntk_vectors(
             )
     if params is None:
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    args, kwargs = _split_inputs(inputs)
+    args, kwargs = split_inputs(inputs)
 
     def fn(values: dict[str, torch.Tensor]) -> torch.Tensor:
         # fused attention kernels have no double backward / forward AD: use the MATH backend
         with math_attention():
             out = functional_call(model, values, args, kwargs, strict=False)
-        return _select_output(out, output)
+        return select_output(out, output)
 
     return function_vectors(fn, params, probes, side=side, chunk_size=chunk_size)
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..operators.modules import _select_output
+from ..operators.modules import select_output as _select_output
 from .spec import Spec
 
 __all__ = ["select_output", "loss_for", "make_optimizer", "train_step", "evaluate_loss", "train"]

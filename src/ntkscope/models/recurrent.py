@@ -36,12 +36,11 @@ from torch import nn
 from torch.func import functional_call
 
 from ..operators import rules as _rules
-from ..operators.modules import _check_no_dropout, _select_params
+from ..operators.modules import check_no_dropout, select_params
 from ..operators.ntk import NTK
+from .axes import BATCH, DIRECTION, HIDDEN, LAYER, TIME
 
-__all__ = ["RecurrentNTK", "hidden_ntk", "step_ntk", "TIME", "BATCH", "HIDDEN", "DIRECTION", "LAYER"]
-
-TIME, BATCH, HIDDEN, DIRECTION, LAYER = "time", "batch", "hidden", "direction", "layer"
+__all__ = ["RecurrentNTK", "hidden_ntk", "step_ntk"]
 
 ParamsArg = Mapping[str, torch.Tensor] | Iterable[str | torch.Tensor] | None
 
@@ -51,7 +50,7 @@ class RecurrentNTK(NTK):
 
     Attributes:
         axes: one name per state axis (``state_shape`` gives the sizes), from ``"layer"``,
-            ``"time"``, ``"batch"``, ``"direction"``, ``"hidden"``.
+            ``"time"``, ``"batch"``, ``"direction"``, ``"hidden"`` (:mod:`ntkscope.models.axes`).
         kind: what was analysed (``"GRU"``, ``"LSTMCell"``, ``"step"``, ...).
     """
 
@@ -163,10 +162,10 @@ def _rnn_ntk(
             raise ValueError(f"layer must be None (top), 'all' or an int in [{-L}, {L}), got {layer!r}")
         layer = layer % L
     top = L - 1 if all_layers else int(layer)
-    _check_no_dropout(model)
+    check_no_dropout(model)
     if model.training and model.dropout > 0 and L > 1:
         raise ValueError(f"{kind}: inter-layer dropout is active; call model.eval() first")
-    names, primals, fixed = _select_params(model, params)
+    names, primals, fixed = select_params(model, params)
     if params is None:  # layers above the chosen one do not move its state: leave them out of P
         keep = {n for k in range(top + 1) for n in _layer_names(model, k).values()}
         idx = [i for i, n in enumerate(names) if n in keep]
@@ -235,7 +234,7 @@ def _cell_ntk(
     if h0 is None:
         z = x.new_zeros(batch, cell.hidden_size)
         h0 = (z, z.clone()) if is_lstm else z
-    names, primals, fixed = _select_params(cell, params)
+    names, primals, fixed = select_params(cell, params)
 
     def loop_fn(c: nn.Module) -> Callable[[dict[str, torch.Tensor], tuple[torch.Tensor, Any]], torch.Tensor]:
         def fn(p: dict[str, torch.Tensor], inputs: tuple[torch.Tensor, Any]) -> torch.Tensor:
@@ -291,8 +290,8 @@ def _submodule_ntk(
         out = captured[0]
         return out.reshape(*out.shape[:2], nd, -1) if nd == 2 else out
 
-    _check_no_dropout(model)
-    names, primals, fixed = _select_params(model, params)
+    check_no_dropout(model)
+    names, primals, fixed = select_params(model, params)
     values = {**fixed, **dict(zip(names, primals))}
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
 
@@ -415,7 +414,7 @@ def step_ntk(
     allp = {f"step.{n}": p.detach() for n, p in params.items()}
     for prefix, mod in mods.items():
         if mod is not None:
-            _check_no_dropout(mod)
+            check_no_dropout(mod)
             allp.update({f"{prefix}.{n}": p.detach() for n, p in mod.named_parameters() if p.requires_grad})
     frozen = {
         prefix: {n: p.detach() for n, p in mod.named_parameters() if not p.requires_grad}

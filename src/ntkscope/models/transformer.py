@@ -10,8 +10,8 @@ per-head attention outputs of a layer, before the heads are mixed by the output 
 * Hugging Face ``transformers`` models built from a config with random weights (an optional
   extra: ``pip install ntkscope[hf]``), e.g. ``GPT2LMHeadModel(GPT2Config(...))``.
 
-**Axes** use the same vocabulary as the recurrent states: ``batch``, ``time`` (token position),
-``hidden`` (features), plus ``vocab`` (logits) and ``head``.  ``select={"time": -1}`` keeps the
+**Axes** use the vocabulary of :mod:`ntkscope.models.axes`, shared with the recurrent states:
+``batch``, ``time`` (token position), ``hidden`` (features), plus ``vocab`` (logits) and ``head``.  ``select={"time": -1}`` keeps the
 last position (the axis disappears), ``select={"time": slice(0, 4), "head": [0, 2]}`` keeps a
 block; aliases ``token``/``position`` → ``time`` and ``feature`` → ``hidden`` are accepted.
 
@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -47,59 +48,12 @@ from torch import nn
 from torch.func import functional_call
 
 from ..core.memory import available_bytes
-from ..operators.modules import _split_inputs, _tensors
+from ..operators.modules import analysis_module, saved_activations, select_params, split_inputs, tensors
 from ..operators.ntk import NTK
-from ..operators.rules import math_attention, shared_copy
+from ..operators.rules import math_attention
+from .axes import BATCH, HEAD, HIDDEN, TIME, VOCAB, Index, canonical_axis, select_axes
 
-__all__ = ["transformer_ntk", "TransformerNTK", "plan_memory", "select_axes", "AXIS_ALIASES"]
-
-AXIS_ALIASES = {"token": "time", "tokens": "time", "position": "time", "seq": "time", "feature": "hidden", "features": "hidden"}
-
-Index = int | slice | Sequence[int] | torch.Tensor
-
-
-def canonical_axis(name: str) -> str:
-    return AXIS_ALIASES.get(name, name)
-
-
-def select_axes(
-    state: torch.Tensor, axes: Sequence[str], select: Mapping[str, Index] | None
-) -> tuple[torch.Tensor, tuple[str, ...]]:
-    """Index a state with named axes: ``{axis: int | slice | list of ints | index tensor}``.
-
-    An int removes its axis; a slice or a list keeps it (shorter).  Returns the selected state
-    and its remaining axis names.
-    """
-    axes = tuple(canonical_axis(a) for a in axes)
-    if len(axes) != state.dim():
-        raise ValueError(f"{len(axes)} axis names {axes} for a state of shape {tuple(state.shape)}")
-    if not select:
-        return state, axes
-    chosen = {canonical_axis(k): v for k, v in select.items()}
-    unknown = [k for k in chosen if k not in axes]
-    if unknown:
-        raise ValueError(f"unknown axes {unknown} in select=; the state's axes are {axes}")
-    out, names = state, list(axes)
-    for name, idx in chosen.items():
-        d = names.index(name)
-        size = out.shape[d]
-        if isinstance(idx, bool):
-            raise TypeError(f"select[{name!r}]: expected an int, slice or list of ints, got a bool")
-        if isinstance(idx, int):
-            if not -size <= idx < size:
-                raise IndexError(f"select[{name!r}]={idx} is out of range for an axis of length {size}")
-            out = out.select(d, idx)
-            names.pop(d)
-        elif isinstance(idx, slice):
-            out = out[(slice(None),) * d + (idx,)]
-        else:
-            ix = torch.as_tensor(idx, dtype=torch.long, device=out.device).reshape(-1)
-            if ix.numel() and (int(ix.max()) >= size or int(ix.min()) < -size):
-                raise IndexError(f"select[{name!r}] holds indices out of range for an axis of length {size}")
-            out = out.index_select(d, ix % size)
-        if out.numel() == 0:
-            raise ValueError(f"select[{name!r}] leaves an empty state")
-    return out, tuple(names)
+__all__ = ["transformer_ntk", "TransformerNTK", "plan_memory"]
 
 
 # -- finding the parts of a Transformer -----------------------------------------------------------
@@ -139,13 +93,13 @@ def _batch_first(model: nn.Module) -> bool:
 def _main_output(out: Any) -> tuple[torch.Tensor, str]:
     """The model's main output, and the name of its feature axis."""
     if isinstance(out, torch.Tensor):
-        return out, "hidden"
-    for key, axis in (("logits", "vocab"), ("last_hidden_state", "hidden"), ("prediction_logits", "vocab")):
+        return out, HIDDEN
+    for key, axis in (("logits", VOCAB), ("last_hidden_state", HIDDEN), ("prediction_logits", VOCAB)):
         v = out.get(key) if isinstance(out, Mapping) else getattr(out, key, None)
         if isinstance(v, torch.Tensor):
             return v, axis
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0], "hidden"
+        return out[0], HIDDEN
     raise ValueError(f"cannot find the main output in a {type(out).__name__}: pass state= a callable out -> Tensor")
 
 
@@ -242,15 +196,6 @@ class TransformerNTK(NTK):
         return str(self.plan["side"])
 
 
-def _eval_copy(model: nn.Module) -> nn.Module:
-    """A shallow copy in eval mode that shares every parameter and buffer (the model is untouched)."""
-    try:
-        clone = shared_copy(model)
-    except Exception as e:  # a module holding something that cannot be copied
-        raise TypeError(f"cannot make an analysis copy of {type(model).__name__} ({e})") from e
-    return clone.eval()
-
-
 def transformer_ntk(
     model: nn.Module,
     inputs: Any,
@@ -282,7 +227,7 @@ def transformer_ntk(
             ``capture="input"``, its first positional input).
         axes: names of the state's axes before selection (defaults from the state kind and the
             model's layout: sequence-first ``nn.MultiheadAttention`` gives ``time, batch, …``).
-        select: ``{axis: index}`` (see :func:`select_axes`) or a callable ``state -> Tensor``.
+        select: ``{axis: index}`` (see :func:`~ntkscope.models.axes.select_axes`) or a callable ``state -> Tensor``.
         params: parameter names (or a dict name → tensor that replaces the model's values) to
             differentiate; default: every floating-point parameter with ``requires_grad``.
         memory_budget: bytes for probe chunks (default: a quarter of the available memory,
@@ -297,108 +242,139 @@ def transformer_ntk(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if capture not in ("output", "input"):
         raise ValueError(f"capture must be 'output' or 'input', got {capture!r}")
-    clone = _eval_copy(model)
-    named = dict(clone.named_parameters())
-    if params is None:
-        chosen = {n: p.detach() for n, p in named.items() if p.requires_grad and p.is_floating_point()}
-    elif isinstance(params, Mapping):
-        bad = [n for n in params if n not in named]
-        if bad:
-            raise ValueError(f"unknown parameter names {bad}")
-        chosen = {n: v.detach() for n, v in params.items()}
-    else:
-        bad = [n for n in params if n not in named]
-        if bad:
-            raise ValueError(f"unknown parameter names {bad}")
-        chosen = {n: named[n].detach() for n in params}
-    if not chosen:
-        raise ValueError(f"{type(model).__name__} has no trainable floating-point parameters")
-
-    captured: dict[str, Any] = {}
-    kind: str
-    default_axes: tuple[str, ...]
-    bf = _batch_first(clone)
-    seq = ("batch", "time") if bf else ("time", "batch")
-    if module is not None:
-        try:
-            target = clone.get_submodule(module)
-        except AttributeError as e:
-            raise ValueError(f"no submodule {module!r} in {type(model).__name__}") from e
-        kind = "module"
-        if capture == "output":
-            target.register_forward_hook(lambda m, a, out: captured.__setitem__("state", _first_tensor(out)))
-        else:
-            target.register_forward_pre_hook(lambda m, a: captured.__setitem__("state", _first_tensor(a)))
-        default_axes = (*seq, "hidden")
-    elif callable(state):
-        kind = "callable"
-        default_axes = ()
-    elif state == "output":
-        kind = "output"
-        default_axes = ()
-    elif state in ("hidden", "heads"):
-        if layer is None:
-            raise ValueError(f"state={state!r} needs layer= (a block index)")
-        blocks = _blocks(clone)
-        if not -len(blocks) <= layer < len(blocks):
-            raise IndexError(f"layer={layer} but the model has {len(blocks)} blocks")
-        block = blocks[layer]
-        kind = state
-        if state == "hidden":
-            block.register_forward_hook(lambda m, a, out: captured.__setitem__("state", _first_tensor(out)))
-            default_axes = (*seq, "hidden")
-        else:
-            mha = next((m for m in block.modules() if isinstance(m, nn.MultiheadAttention)), None)
-            if mha is not None:
-                mha.register_forward_pre_hook(
-                    lambda m, a, kw: captured.__setitem__("state", _mha_heads(m, a, kw)), with_kwargs=True
-                )
-                default_axes = ("batch", "time", "head", "hidden")
-            else:
-                proj, heads = _attention_projection(block)
-
-                def split(m: nn.Module, a: tuple[Any, ...], h: int = heads) -> None:
-                    x = _first_tensor(a)
-                    captured["state"] = x.reshape(*x.shape[:-1], h, x.shape[-1] // h)
-
-                proj.register_forward_pre_hook(split)
-                default_axes = (*seq, "head", "hidden")
-    else:
-        raise ValueError(f"state must be 'output', 'hidden', 'heads' or a callable, got {state!r}")
-
-    args, kwargs = _split_inputs(inputs)
-    feature_axis: dict[str, str] = {}
-
-    def raw_state(values: dict[str, torch.Tensor]) -> torch.Tensor:
-        captured.clear()
-        with math_attention():
-            out = functional_call(clone, values, args, kwargs, strict=False)
-        if kind == "output":
-            z, feature_axis["name"] = _main_output(out)
-            return z
-        if kind == "callable":
-            assert callable(state)
-            return state(out)
-        if "state" not in captured:
-            raise RuntimeError(f"the hooked module did not run (state={state!r}, module={module!r})")
-        return captured["state"]
-
+    clone = analysis_module(model, eval_mode=True)
+    names, primals, _ = select_params(clone, params)
+    chosen = dict(zip(names, primals))
+    hook = _hook_state(clone, state, layer, module, capture)
+    raw_state = _raw_state_function(clone, inputs, hook, state, module)
     # One pass without grad: the raw state's shape, hence its axis names.
     try:
         with torch.no_grad():
             raw = raw_state(chosen)
     except (RuntimeError, ValueError, TypeError, IndexError) as e:
         raise ValueError(f"{type(model).__name__} failed on the given inputs: {e}") from e
-    names: tuple[str, ...] = ()
+    fn, final_axes = _selected_state(raw_state, raw, _state_axes(raw, hook, axes), select)
+    return _build_ntk(model, fn, chosen, inputs, hook.kind, final_axes, memory_budget, chunk_size)
+
+
+# -- the steps of transformer_ntk ------------------------------------------------------------------
+
+
+@dataclass
+class _StateHook:
+    """Where the state comes from, filled by forward hooks on the analysis copy.
+
+    ``kind``: ``"output"``, ``"callable"``, ``"module"``, ``"hidden"`` or ``"heads"``; ``seq``:
+    the order of the batch and time axes in the model's layout; ``axes``: the default names of
+    the raw state's axes (empty: from the output's shape, or ``axes=``); ``captured``: what the
+    last forward left — ``"state"`` from a hook, ``"feature"`` the main output's feature axis.
+    """
+
+    kind: str
+    seq: tuple[str, str]
+    axes: tuple[str, ...] = ()
+    captured: dict[str, Any] = field(default_factory=dict)
+
+    def keep(self, x: Any) -> None:
+        self.captured["state"] = _first_tensor(x)
+
+
+def _hook_state(clone: nn.Module, state: str | Callable[[Any], torch.Tensor], layer: int | None, module: str | None, capture: str) -> _StateHook:
+    """Register on the analysis copy the hooks that capture the chosen state."""
+    seq = (BATCH, TIME) if _batch_first(clone) else (TIME, BATCH)
+    if module is not None:
+        try:
+            target = clone.get_submodule(module)
+        except AttributeError as e:
+            raise ValueError(f"no submodule {module!r} in {type(clone).__name__}") from e
+        hook = _StateHook("module", seq, (*seq, HIDDEN))
+        if capture == "output":
+            target.register_forward_hook(lambda m, a, out: hook.keep(out))
+        else:
+            target.register_forward_pre_hook(lambda m, a: hook.keep(a))
+        return hook
+    if callable(state):
+        return _StateHook("callable", seq)
+    if state == "output":
+        return _StateHook("output", seq)
+    if state not in ("hidden", "heads"):
+        raise ValueError(f"state must be 'output', 'hidden', 'heads' or a callable, got {state!r}")
+    if layer is None:
+        raise ValueError(f"state={state!r} needs layer= (a block index)")
+    blocks = _blocks(clone)
+    if not -len(blocks) <= layer < len(blocks):
+        raise IndexError(f"layer={layer} but the model has {len(blocks)} blocks")
+    if state == "hidden":
+        hook = _StateHook("hidden", seq, (*seq, HIDDEN))
+        blocks[layer].register_forward_hook(lambda m, a, out: hook.keep(out))
+        return hook
+    return _hook_heads(blocks[layer], seq)
+
+
+def _hook_heads(block: nn.Module, seq: tuple[str, str]) -> _StateHook:
+    """Capture a block's per-head attention outputs: recomputed from an nn.MultiheadAttention
+    call, or split off the input of a Hugging Face-style output projection."""
+    mha = next((m for m in block.modules() if isinstance(m, nn.MultiheadAttention)), None)
+    if mha is not None:
+        hook = _StateHook("heads", seq, (BATCH, TIME, HEAD, HIDDEN))
+        mha.register_forward_pre_hook(lambda m, a, kw: hook.captured.__setitem__("state", _mha_heads(m, a, kw)), with_kwargs=True)
+        return hook
+    proj, heads = _attention_projection(block)
+    hook = _StateHook("heads", seq, (*seq, HEAD, HIDDEN))
+
+    def split(m: nn.Module, a: tuple[Any, ...]) -> None:
+        x = _first_tensor(a)
+        hook.captured["state"] = x.reshape(*x.shape[:-1], heads, x.shape[-1] // heads)
+
+    proj.register_forward_pre_hook(split)
+    return hook
+
+
+def _raw_state_function(
+    clone: nn.Module, inputs: Any, hook: _StateHook, state: str | Callable[[Any], torch.Tensor], module: str | None
+) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+    """``values -> state`` before selection: the analysis copy run with ``values`` for its parameters."""
+    args, kwargs = split_inputs(inputs)
+
+    def raw_state(values: dict[str, torch.Tensor]) -> torch.Tensor:
+        hook.captured.clear()
+        with math_attention():
+            out = functional_call(clone, values, args, kwargs, strict=False)
+        if hook.kind == "output":
+            z, hook.captured["feature"] = _main_output(out)
+            return z
+        if hook.kind == "callable":
+            assert callable(state)
+            return state(out)
+        if "state" not in hook.captured:
+            raise RuntimeError(f"the hooked module did not run (state={state!r}, module={module!r})")
+        return hook.captured["state"]  # type: ignore[no-any-return]
+
+    return raw_state
+
+
+def _state_axes(raw: torch.Tensor, hook: _StateHook, axes: Sequence[str] | None) -> tuple[str, ...]:
+    """The raw state's axis names: ``axes=``, else from the state kind and the model's layout
+    (empty when they cannot be told from the shape)."""
     if axes is not None:
         names = tuple(canonical_axis(a) for a in axes)
-    elif kind == "output":
-        feature = feature_axis.get("name", "hidden")
-        names = (*seq, feature) if raw.dim() == 3 else ("batch", feature) if raw.dim() == 2 else ()
-    elif len(default_axes) == raw.dim():
-        names = default_axes
+    elif hook.kind == "output":
+        feature = hook.captured.get("feature", HIDDEN)
+        names = (*hook.seq, feature) if raw.dim() == 3 else (BATCH, feature) if raw.dim() == 2 else ()
+    else:
+        names = hook.axes if len(hook.axes) == raw.dim() else ()
     if names and len(names) != raw.dim():
         raise ValueError(f"axes={names} do not match the state's {raw.dim()} dimensions {tuple(raw.shape)}")
+    return names
+
+
+def _selected_state(
+    raw_state: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    raw: torch.Tensor,
+    names: tuple[str, ...],
+    select: Mapping[str, Index] | Callable[[torch.Tensor], torch.Tensor] | None,
+) -> tuple[Callable[[dict[str, torch.Tensor], Any], torch.Tensor], tuple[str, ...]]:
+    """The state function after ``select=``, and the axis names it leaves (empty if unnamed)."""
     if select is not None and not callable(select) and not names:
         raise ValueError(f"name the state's axes with axes= (state shape {tuple(raw.shape)}) to use select=")
     final_axes = select_axes(raw, names, select)[1] if names and not callable(select) else ()
@@ -409,20 +385,30 @@ def transformer_ntk(
             return select(z)
         return select_axes(z, names, select)[0] if select else z
 
+    return fn, final_axes
+
+
+def _build_ntk(
+    model: nn.Module,
+    fn: Callable[[dict[str, torch.Tensor], Any], torch.Tensor],
+    chosen: dict[str, torch.Tensor],
+    inputs: Any,
+    kind: str,
+    final_axes: tuple[str, ...],
+    memory_budget: int | None,
+    chunk_size: int | None,
+) -> TransformerNTK:
+    """The :class:`TransformerNTK` of ``fn`` over ``chosen``, with its axis names and memory plan."""
     # Additive attention masks hold -inf by design; the generic finiteness check would refuse
     # them, so it sees the inputs with infinities zeroed (fn closes over the real ones), and NaN
     # is refused here.
-    if any(t.is_floating_point() and bool(torch.isnan(t).any()) for t in _tensors(inputs)):
+    if any(t.is_floating_point() and bool(torch.isnan(t).any()) for t in tensors(inputs)):
         raise ValueError("inputs contain NaN")
     ntk = TransformerNTK.from_function(fn, chosen, _finite_view(inputs), chunk_size=chunk_size or 1)
-    ntk.inputs = inputs
     assert isinstance(ntk, TransformerNTK)
+    ntk.inputs = inputs
     ntk.model = model
-    ntk.axes = (
-        tuple(final_axes)
-        if final_axes and len(final_axes) == len(ntk.state_shape)
-        else tuple(f"axis{i}" for i in range(len(ntk.state_shape)))
-    )
+    ntk.axes = final_axes if final_axes and len(final_axes) == len(ntk.state_shape) else tuple(f"axis{i}" for i in range(len(ntk.state_shape)))
     ntk.state_kind = kind
     ntk.plan = plan_memory(ntk, memory_budget=memory_budget, chunk_size=chunk_size)
     ntk.chunk_size = int(ntk.plan["chunk_size"])
@@ -442,37 +428,13 @@ def _finite_view(obj: Any) -> Any:
 # -- memory ------------------------------------------------------------------------------------------
 
 
-def _available_bytes(device: torch.device) -> int:
-    free = available_bytes(device)
-    return 4 * 2**30 if free is None else free
-
-
-def activation_bytes(ntk: NTK) -> int:
-    """Bytes of the tensors one forward pass saves for backward (parameters excluded)."""
-    params = {t.untyped_storage().data_ptr() for t in ntk.primals}
-    seen: set[int] = set()
-    total = [0]
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        key = t.untyped_storage().data_ptr()
-        if key not in seen and key not in params:
-            seen.add(key)
-            total[0] += t.untyped_storage().nbytes()
-        return t
-
-    leaves = [p.detach().requires_grad_(True) for p in ntk.primals]
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.enable_grad():
-        ntk._f(*leaves)
-    return total[0]
-
-
 def plan_memory(ntk: NTK, memory_budget: int | None = None, chunk_size: int | None = None) -> dict[str, Any]:
     """Choose the AD side and the probes per chunk that fit a memory budget.
 
     Side: the smaller probe space (VJP when ``D ≤ P``), whose one-sided estimator also has the
     lower Rademacher variance when the kernel's diagonal is spread out.  Memory of a chunk of c
-    probes ≈ A + c·(A + s·d_in + (2s + 16)·d_out): the forward's saved activations A (shared by the
-    chunk's passes), per probe a set of intermediate gradients or tangents (≈ A), the probe
+    probes ≈ A + c·(A + s·d_in + (2s + 16)·d_out): the forward's saved activations A (the bytes of
+    their storages, :func:`~ntkscope.operators.modules.saved_activations`; shared by the chunk's passes), per probe a set of intermediate gradients or tangents (≈ A), the probe
     (``d_in`` numbers of s bytes) and its image (``d_out`` = P for a VJP, D for a JVP) held as
     per-parameter parts and concatenated, plus the float64 copy and square the estimators reduce
     in.  The chunk is the largest c that fits (at least 1, at most 256).
@@ -481,10 +443,12 @@ def plan_memory(ntk: NTK, memory_budget: int | None = None, chunk_size: int | No
     side = "vjp" if D <= P else "jvp"
     d_in, d_out = (D, P) if side == "vjp" else (P, D)
     item = ntk.dtype.itemsize
-    act = activation_bytes(ntk)
+    act = saved_activations(ntk._f, ntk.primals).nbytes
     per_probe = act + item * d_in + (2 * item + 16) * d_out
-    avail = _available_bytes(ntk.device)
-    budget = int(memory_budget) if memory_budget is not None else min(4 * 2**30, avail // 4)
+    free = available_bytes(ntk.device)
+    if free is None:  # unknown: assume 4 GiB free
+        free = 4 * 2**30
+    budget = int(memory_budget) if memory_budget is not None else min(4 * 2**30, free // 4)
     env = os.environ.get("NTKSCOPE_MEMORY_BUDGET")
     if memory_budget is None and env:
         budget = int(float(env))

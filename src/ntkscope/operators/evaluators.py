@@ -18,6 +18,7 @@ so fused attention kernels without forward-mode rules never block the JVP.
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from torch.func import jvp, vjp, vmap
 
 from .rules import math_attention
 
-__all__ = ["Evaluator", "Path", "JVP_PATHS", "VJP_PATHS", "quiet"]
+__all__ = ["Evaluator", "Path", "JVP_PATHS", "VJP_PATHS", "quiet", "unflatten_rows", "over_probes", "jvp_rows", "pullback_rows"]
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,6 @@ class Evaluator:
         self.ruled_f = ruled_f
         self.primals = tuple(primals)
         self.shapes = [p.shape for p in self.primals]
-        self.numels = [p.numel() for p in self.primals]
         self.chunk_size = chunk_size
         self.ruled_chunk_size = ruled_chunk_size or chunk_size
         self.paths: dict[str, Path | None] = {"jvp": find_path(JVP_PATHS, jvp_path), "vjp": find_path(VJP_PATHS, vjp_path)}
@@ -139,11 +139,6 @@ class Evaluator:
         assert self.ruled_f is not None  # rules paths are candidates only when there are rules
         return self.ruled_f
 
-    def _unflatten(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """``(m, P)`` rows -> per-parameter tensors ``(m, *shape)``."""
-        parts = torch.split(rows, self.numels, dim=1)
-        return tuple(p.reshape(rows.shape[0], *s) for p, s in zip(parts, self.shapes))
-
     def _eval(self, mode: str, path: Path, chunk: torch.Tensor, cache: dict[Any, Any]) -> list[torch.Tensor]:
         """The chunk's results as ``(m, ·)`` blocks: one per parameter (VJP) or the state (JVP)."""
         f = self._fn(path)
@@ -151,32 +146,17 @@ class Evaluator:
         if mode == "vjp":
             if key not in cache:  # one forward per call, reused by every chunk
                 cache[key] = vjp(f, *self.primals)[1]
-            vjp_fn = cache[key]
-            if path.batched:
-                parts = vmap(vjp_fn)(chunk)
-            else:
-                cols = [vjp_fn(r) for r in chunk]
-                parts = tuple(torch.stack([c[i] for c in cols]) for i in range(len(self.primals)))
-            return [p.reshape(chunk.shape[0], -1) for p in parts]
-        tangents = self._unflatten(chunk)
-        if path.double_vjp:
-            # J u as the VJP of the linear map w ↦ Jᵀw; built once per call (one forward, one
-            # backward), then applied to every probe of every chunk
-            if key not in cache:
-                w0 = torch.zeros(self.dim, dtype=chunk.dtype, device=chunk.device)
-                cache[key] = vjp(lambda w: vjp(f, *self.primals)[1](w), w0)[1]
-            vjp2 = cache[key]
-
-            def fn(*t: torch.Tensor) -> torch.Tensor:
-                return vjp2(t)[0]  # type: ignore[no-any-return]
-        else:
-
-            def fn(*t: torch.Tensor) -> torch.Tensor:
-                return jvp(f, self.primals, t)[1]
-
-        if path.batched:
-            return [vmap(fn)(*tangents)]
-        return [torch.stack([fn(*(t[i] for t in tangents)) for i in range(chunk.shape[0])])]
+            return pullback_rows(cache[key], chunk, path.batched)
+        tangents = unflatten_rows(chunk, self.shapes)
+        if not path.double_vjp:
+            return [jvp_rows(f, self.primals, tangents, path.batched)]
+        # J u as the VJP of the linear map w ↦ Jᵀw; built once per call (one forward, one
+        # backward), then applied to every probe of every chunk
+        if key not in cache:
+            w0 = torch.zeros(self.dim, dtype=chunk.dtype, device=chunk.device)
+            cache[key] = vjp(lambda w: vjp(f, *self.primals)[1](w), w0)[1]
+        vjp2 = cache[key]
+        return [over_probes(lambda *t: vjp2(t)[0], tangents, path.batched)]
 
     def _verify(self, mode: str, row: torch.Tensor, got: torch.Tensor) -> bool:
         """Whether the rules agree with the first generic path that works, on one probe."""
@@ -236,6 +216,41 @@ class Evaluator:
             self.paths[mode] = p
             order = [p]
         return torch.cat(outs, 0) if len(outs) > 1 else outs[0]
+
+
+# -- one chunk of probes through torch.func: shared by the Evaluator and ntkscope.differentiable --
+
+
+def unflatten_rows(rows: torch.Tensor, shapes: Sequence[torch.Size]) -> tuple[torch.Tensor, ...]:
+    """``(m, P)`` probe rows -> per-parameter tangents ``(m, *shape)`` (parameters in order)."""
+    parts = torch.split(rows, [math.prod(s) for s in shapes], dim=1)
+    return tuple(p.reshape(rows.shape[0], *s) for p, s in zip(parts, shapes))
+
+
+def over_probes(push: Callable[..., torch.Tensor], tangents: Sequence[torch.Tensor], batched: bool = True) -> torch.Tensor:
+    """``push`` of each probe (the i-th rows of ``tangents``), stacked: ``vmap`` over the probes,
+    or a Python loop where ``vmap`` is unsupported."""
+    if batched:
+        return vmap(push)(*tangents)  # type: ignore[no-any-return]
+    return torch.stack([push(*(t[i] for t in tangents)) for i in range(tangents[0].shape[0])])
+
+
+def jvp_rows(f: Callable[..., torch.Tensor], primals: Sequence[torch.Tensor], tangents: Sequence[torch.Tensor], batched: bool = True) -> torch.Tensor:
+    """``J u_i`` (rows ``(m, D)``) of the flat function ``f`` at ``primals`` for per-parameter
+    tangent blocks ``(m, *shape)``, with :func:`torch.func.jvp`.  Differentiable in the primals."""
+    primals = tuple(primals)
+    return over_probes(lambda *t: jvp(f, primals, t)[1], tangents, batched)
+
+
+def pullback_rows(pullback: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], rows: torch.Tensor, batched: bool = True) -> list[torch.Tensor]:
+    """``Jᵀw_i`` for probe rows ``w_i`` (``(m, D)``) through the pullback of :func:`torch.func.vjp`:
+    one ``(m, numel)`` block per parameter.  Differentiable in the primals of the pullback."""
+    if batched:
+        parts = vmap(pullback)(rows)
+    else:
+        cols = [pullback(r) for r in rows]
+        parts = tuple(torch.stack([c[i] for c in cols]) for i in range(len(cols[0])))
+    return [p.reshape(rows.shape[0], -1) for p in parts]
 
 
 def _cat(blocks: list[torch.Tensor]) -> torch.Tensor:

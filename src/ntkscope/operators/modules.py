@@ -1,19 +1,43 @@
-"""Module plumbing: which parameters, which inputs, which output, and a safe analysis copy."""
+"""Module plumbing: which parameters, which inputs, which output, a safe analysis copy, and
+what a forward saves for backward (the activations that size a chunk of probes)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeGuard
 
 import torch
 from torch import nn
 
+from .evaluators import quiet
 from .rules import shared_copy
 
+__all__ = [
+    "select_params",
+    "analysis_module",
+    "check_no_dropout",
+    "split_inputs",
+    "tensors",
+    "check_finite_inputs",
+    "describe_inputs",
+    "inputs_equal",
+    "select_output",
+    "SavedActivations",
+    "saved_activations",
+]
 
-def _select_params(
+
+def select_params(
     model: nn.Module, params: Mapping[str, torch.Tensor] | Iterable[str | torch.Tensor] | None
 ) -> tuple[list[str], list[torch.Tensor], dict[str, torch.Tensor]]:
+    """The parameters to differentiate: ``(names, primals, fixed)``.
+
+    ``params``: ``None`` (every parameter with ``requires_grad``), an iterable of names or of the
+    model's own parameters, or a dict ``name -> tensor`` whose values replace the model's.
+    ``primals`` are detached values in ``names`` order; ``fixed`` the other parameters, detached.
+    Tied parameters appear once.
+    """
     named = dict(model.named_parameters())  # tied parameters appear once
     overrides: dict[str, torch.Tensor] = {}
     if params is None:
@@ -49,19 +73,29 @@ def _select_params(
     return names, primals, fixed
 
 
-def _analysis_module(model: nn.Module) -> nn.Module:
-    """The model itself, or a shallow copy whose train-mode norm layers keep no running stats.
+def analysis_module(model: nn.Module, *, eval_mode: bool = False) -> nn.Module:
+    """The module an analysis runs instead of ``model``: a shallow copy (:func:`~ntkscope.operators.rules.shared_copy`)
+    that shares every parameter and buffer tensor (no memory) and only rebinds attributes.
 
-    A train-mode BatchNorm normalises with batch statistics and updates its running stats in
-    place; torch.func cannot trace the in-place update, and the user's buffers must not move.
-    The copy shares every parameter and buffer tensor (no memory) and only rebinds attributes.
+    * ``eval_mode=False`` (:class:`~ntkscope.operators.NTK`): train-mode norm layers normalise with
+      batch statistics but keep no running stats — a train-mode BatchNorm updates them in place,
+      which ``torch.func`` cannot trace and which must not move the user's buffers.  Without
+      such layers the model itself is returned.
+    * ``eval_mode=True`` (:func:`~ntkscope.models.transformer.transformer_ntk`): the copy in
+      eval mode (dropout off), always a copy, so the caller may hook its submodules.
+
+    The model itself, its mode and its hooks are never changed.
     """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats]
-    if not norms:
+    if not eval_mode and not any(_updates_running_stats(m) for m in model.modules()):
         return model
-    clone = shared_copy(model)
+    try:
+        clone = shared_copy(model)
+    except Exception as e:  # a module holding something that cannot be copied
+        raise TypeError(f"cannot make an analysis copy of {type(model).__name__} ({e})") from e
+    if eval_mode:
+        return clone.eval()
     for m in clone.modules():
-        if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats:
+        if _updates_running_stats(m):
             m.running_mean = None
             m.running_var = None
             m.num_batches_tracked = None
@@ -69,7 +103,12 @@ def _analysis_module(model: nn.Module) -> nn.Module:
     return clone
 
 
-def _check_no_dropout(model: nn.Module) -> None:
+def _updates_running_stats(m: nn.Module) -> TypeGuard[nn.modules.batchnorm._NormBase]:
+    return isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats
+
+
+def check_no_dropout(model: nn.Module) -> None:
+    """Refuse a model with active dropout: the NTK of a random map is not defined."""
     for name, m in model.named_modules():
         if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0:
             raise ValueError(
@@ -81,7 +120,9 @@ def _check_no_dropout(model: nn.Module) -> None:
             raise ValueError(f"{name or type(model).__name__}: recurrent dropout is active; call model.eval() first")
 
 
-def _split_inputs(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def split_inputs(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``(args, kwargs)`` of a model call: a dict is keyword arguments, a tuple or list the
+    positional ones, anything else the one positional argument."""
     if isinstance(inputs, Mapping):
         return (), dict(inputs)
     if isinstance(inputs, (tuple, list)):
@@ -89,35 +130,41 @@ def _split_inputs(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     return (inputs,), {}
 
 
-def _tensors(obj: Any) -> list[torch.Tensor]:
+def tensors(obj: Any) -> list[torch.Tensor]:
+    """Every tensor in ``obj`` (nested dicts, tuples and lists), in order."""
     if isinstance(obj, torch.Tensor):
         return [obj]
     if isinstance(obj, Mapping):
-        return [t for v in obj.values() for t in _tensors(v)]
+        return [t for v in obj.values() for t in tensors(v)]
     if isinstance(obj, (tuple, list)):
-        return [t for v in obj for t in _tensors(v)]
+        return [t for v in obj for t in tensors(v)]
     return []
 
 
-def _check_finite_inputs(inputs: Any) -> None:
-    for t in _tensors(inputs):
+def check_finite_inputs(inputs: Any) -> None:
+    """Refuse floating-point inputs holding nan or inf."""
+    for t in tensors(inputs):
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise ValueError("inputs contain non-finite values (nan or inf)")
 
 
-def _describe_inputs(inputs: Any) -> str:
-    shapes = [tuple(t.shape) for t in _tensors(inputs)]
+def describe_inputs(inputs: Any) -> str:
+    """The inputs' shapes, for error messages."""
+    shapes = [tuple(t.shape) for t in tensors(inputs)]
     return "input shapes " + ", ".join(map(str, shapes)) if shapes else f"inputs of type {type(inputs).__name__}"
 
 
-def _inputs_equal(a: Any, b: Any) -> bool:
-    ta, tb = _tensors(a), _tensors(b)
+def inputs_equal(a: Any, b: Any) -> bool:
+    """Whether two inputs hold the same tensors (shapes and values)."""
+    ta, tb = tensors(a), tensors(b)
     if len(ta) != len(tb):
         return False
     return all(x.shape == y.shape and torch.equal(x.cpu(), y.cpu()) for x, y in zip(ta, tb))
 
 
-def _select_output(out: Any, output: int | str | Callable[[Any], torch.Tensor] | None) -> torch.Tensor:
+def select_output(out: Any, output: int | str | Callable[[Any], torch.Tensor] | None) -> torch.Tensor:
+    """The state in a model's return value: ``out`` itself (``output=None``, it must be a
+    tensor), an index, a key or attribute name, or ``output(out)``."""
     if output is None:
         if isinstance(out, torch.Tensor):
             return out
@@ -132,3 +179,57 @@ def _select_output(out: Any, output: int | str | Callable[[Any], torch.Tensor] |
     if isinstance(out, Mapping):
         return out[output]
     return getattr(out, output)
+
+
+@dataclass(frozen=True)
+class SavedActivations:
+    """What one forward pass saves for backward, parameters excluded.
+
+    Attributes:
+        numel: numbers in the distinct saved tensors — the size of the tangents or cotangents
+            one probe's pass carries through them.
+        nbytes: bytes of the distinct storages those tensors keep alive — the memory the
+            forward holds until its backward has run (a saved view keeps its whole storage).
+    """
+
+    numel: int
+    nbytes: int
+
+
+def saved_activations(fn: Callable[..., torch.Tensor], primals: Sequence[torch.Tensor]) -> SavedActivations:
+    """Measure the activations of one forward ``fn(*primals)`` with ``saved_tensors_hooks``.
+
+    The primals become leaves that require grad, so every operation records what its backward
+    needs; tensors (or storages) of the primals themselves are not counted.  The user's random
+    stream is not advanced.  Tensors without storage (some wrapper subclasses) are skipped.
+    """
+    param_ptrs = {p.data_ptr() for p in primals}
+    param_storages = {p.untyped_storage().data_ptr() for p in primals}
+    seen_ptrs: set[int] = set()
+    seen_storages: set[int] = set()
+    numel = nbytes = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal numel, nbytes
+        try:
+            ptr = t.data_ptr()
+        except RuntimeError:
+            return t
+        if ptr not in param_ptrs and ptr not in seen_ptrs:
+            seen_ptrs.add(ptr)
+            numel += t.numel()
+        try:
+            storage = t.untyped_storage()
+        except RuntimeError:
+            return t
+        key = storage.data_ptr()
+        if key not in param_storages and key not in seen_storages:
+            seen_storages.add(key)
+            nbytes += storage.nbytes()
+        return t
+
+    leaves = [p.detach().requires_grad_() for p in primals]
+    with torch.enable_grad(), quiet(), torch.random.fork_rng(devices=[]):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(*leaves)
+    return SavedActivations(numel, nbytes)

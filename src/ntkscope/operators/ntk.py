@@ -18,15 +18,16 @@ from . import rules as _rules
 from .base import FactoredKernel, _as_block, _DenseFactor
 from .evaluators import Evaluator, quiet, sqnorms
 from .modules import (
-    _analysis_module,
-    _check_finite_inputs,
-    _check_no_dropout,
-    _describe_inputs,
-    _inputs_equal,
-    _select_output,
-    _select_params,
-    _split_inputs,
-    _tensors,
+    analysis_module,
+    check_finite_inputs,
+    check_no_dropout,
+    describe_inputs,
+    inputs_equal,
+    saved_activations,
+    select_output,
+    select_params,
+    split_inputs,
+    tensors,
 )
 
 __all__ = ["NTK"]
@@ -83,14 +84,14 @@ class NTK(FactoredKernel):
             rules = fast
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}; use NTK.from_function for functions")
-        _check_no_dropout(model)
+        check_no_dropout(model)
         self.model = model
         self.inputs = inputs
         self.output = output
-        names, primals, fixed = _select_params(model, params)
+        names, primals, fixed = select_params(model, params)
         buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-        module = _rules.analysis_copy(_analysis_module(model))
-        args, kwargs = _split_inputs(inputs)
+        module = _rules.analysis_copy(analysis_module(model))
+        args, kwargs = split_inputs(inputs)
         self.param_names = names
 
         def state_fn(net: nn.Module) -> Callable[..., torch.Tensor]:
@@ -98,7 +99,7 @@ class NTK(FactoredKernel):
                 values = dict(fixed)
                 values.update(zip(names, tensors))
                 values.update(buffers)
-                return _select_output(functional_call(net, values, args, kwargs, strict=False), output)
+                return select_output(functional_call(net, values, args, kwargs, strict=False), output)
 
             return fn
 
@@ -143,7 +144,7 @@ class NTK(FactoredKernel):
         self.param_names = names
 
         def f(*tensors: torch.Tensor) -> torch.Tensor:
-            return _select_output(fn(dict(zip(names, tensors)), inputs), output)
+            return select_output(fn(dict(zip(names, tensors)), inputs), output)
 
         self.rules = list(ruled[1]) if ruled is not None else []
         f_ruled = None
@@ -151,7 +152,7 @@ class NTK(FactoredKernel):
             fn_r = ruled[0]
 
             def f_ruled(*tensors: torch.Tensor) -> torch.Tensor:
-                return _select_output(fn_r(dict(zip(names, tensors)), inputs), output)
+                return select_output(fn_r(dict(zip(names, tensors)), inputs), output)
 
         self._init_function(f, [params[n].detach() for n in names], chunk_size, jvp_path, vjp_path, what="function", ruled_fn=f_ruled)
         return self
@@ -183,8 +184,8 @@ class NTK(FactoredKernel):
         dtypes = {p.dtype for p in self.primals}
         if len(dtypes) > 1:
             raise ValueError(f"parameters have mixed dtypes {sorted(map(str, dtypes))}; cast the model to one dtype")
-        _check_finite_inputs(self.inputs)
-        empty = [tuple(t.shape) for t in _tensors(self.inputs) if t.numel() == 0]
+        check_finite_inputs(self.inputs)
+        empty = [tuple(t.shape) for t in tensors(self.inputs) if t.numel() == 0]
         if empty:
             raise ValueError(f"inputs are empty (a tensor of shape {empty[0]}): the NTK needs at least one input")
         # fork_rng: a random model must not advance the user's (CPU) random stream
@@ -192,7 +193,7 @@ class NTK(FactoredKernel):
             try:
                 z = fn(*self.primals)
             except Exception as e:  # the user's model rejected the inputs
-                raise ValueError(f"{what} failed on the given inputs ({_describe_inputs(self.inputs)}): {e}") from e
+                raise ValueError(f"{what} failed on the given inputs ({describe_inputs(self.inputs)}): {e}") from e
             if not isinstance(z, torch.Tensor) or not z.is_floating_point():
                 raise TypeError(f"the state must be a floating-point tensor, got {type(z).__name__}")
             if not torch.isfinite(z).all():
@@ -234,7 +235,7 @@ class NTK(FactoredKernel):
         (which they report) count instead of the saved activations of the modules they replace.
         The same chunk serves both modes.  Budget: :func:`chunk_budget_bytes`.
         """
-        saved, cap = _saved_numel(fn, self.primals, rules)
+        saved, cap = _saved_probe_numel(fn, self.primals, rules)
         per_probe = self.dtype.itemsize * (self.dim + self.num_params + saved) * 2
         return max(1, min(_MAX_AUTO_CHUNK, cap, chunk_budget_bytes(self.device) // per_probe))
 
@@ -301,7 +302,7 @@ class NTK(FactoredKernel):
     def same_inputs(self, other: FactoredKernel) -> bool | None:
         if not isinstance(other, NTK):
             return None
-        return _inputs_equal(self.inputs, other.inputs)
+        return inputs_equal(self.inputs, other.inputs)
 
     def describe(self) -> str:
         return (
@@ -310,36 +311,16 @@ class NTK(FactoredKernel):
         )
 
 
-# --------------------------------------------------------------------------------------------
-# helpers for NTK
-
-
-def _saved_numel(fn: Callable[..., torch.Tensor], primals: Sequence[torch.Tensor], rules: bool = False) -> tuple[int, int]:
-    """Numbers the forward of ``fn`` saves for backward (activations), parameters excluded, and
-    a cap on the probes per chunk; with ``rules``, plus the per-probe working set and the cap
-    the rules report (:mod:`ntkscope.operators.rules`)."""
-    seen = {p.data_ptr() for p in primals}
-    total = 0
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        try:
-            ptr = t.data_ptr()
-        except RuntimeError:  # tensors without storage (e.g. some wrapper subclasses)
-            return t
-        if ptr not in seen:
-            seen.add(ptr)
-            total += t.numel()
-        return t
-
+def _saved_probe_numel(fn: Callable[..., torch.Tensor], primals: Sequence[torch.Tensor], rules: bool = False) -> tuple[int, int]:
+    """Numbers one probe's pass carries through the activations of ``fn`` (see
+    :func:`~ntkscope.operators.modules.saved_activations`) and a cap on the probes per chunk;
+    with ``rules``, plus the per-probe working set and the cap the rules report
+    (:mod:`ntkscope.operators.rules`)."""
     try:
-        with torch.enable_grad(), quiet(), torch.random.fork_rng(devices=[]), _rules.measure_probe_numel() as ruled:
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                fn(*(p.detach().requires_grad_() for p in primals))
+        with _rules.measure_probe_numel() as ruled:
+            saved = saved_activations(fn, primals).numel
     except Exception:  # a measurement only: fall back to D + P
         return 0, _MAX_AUTO_CHUNK
     if not rules:
-        return total, _MAX_AUTO_CHUNK
-    return total + ruled[0], ruled[1]
-
-
+        return saved, _MAX_AUTO_CHUNK
+    return saved + ruled[0], ruled[1]
