@@ -8,10 +8,9 @@ import pytest
 import torch
 
 import ntkscope as nk
+from ntkscope.metrics.state_axes import from_blocks, to_blocks
 from ntkscope.metrics.structure import (
     MAX_PAIR_BLOCKS,
-    _from_blocks,
-    _to_blocks,
     block_effective_rank,
     block_frobenius,
     block_traces,
@@ -136,7 +135,7 @@ def test_generic_axes_multi_keep_and_helpers():
     torch.testing.assert_close(ct.values, torch.einsum("sbhp,tbhp->st", J3, J3))
     # blocking round trip
     rows = torch.randn(5, 12, dtype=DT)
-    torch.testing.assert_close(_from_blocks(_to_blocks(rows, (3, 2, 2), [2, 0]), (3, 2, 2), [2, 0]), rows)
+    torch.testing.assert_close(from_blocks(to_blocks(rows, (3, 2, 2), [2, 0]), (3, 2, 2), [2, 0]), rows)
     e = s.trace.estimate(1, 2)
     assert e.exact and e.value == pytest.approx(float(ref[1, 2]))
 
