@@ -369,7 +369,7 @@ def parameter_blocks(
         K: an :class:`ntkscope.NTK`.
         groups: ``None`` (one block per module owning parameters), ``"tensor"`` (one per
             parameter tensor) or a dict block name -> parameter names / glob patterns (see
-            :func:`resolve_groups`).
+            :func:`~ntkscope.metrics.param_groups.resolve_groups`).
         other: a second NTK over the same inputs with the same parameter names (e.g.
             ``NTK(model, X, params=theta0)``, the kernel at initialisation): adds per-block
             alignments ``⟨K_g, K0_g⟩_F / (‖K_g‖_F‖K0_g‖_F)`` and K0's block statistics.
