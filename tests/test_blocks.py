@@ -12,7 +12,7 @@ from torch import nn
 import models
 import ntkscope as nk
 from ntkscope import tasks
-from ntkscope.metrics.blocks import resolve_groups
+from ntkscope.metrics.param_groups import resolve_groups
 
 
 def _blocks_of(case: models.Case, groups: object) -> dict[str, list[str]]:

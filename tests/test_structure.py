@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import ntkscope as nk
+from ntkscope.core import jackknife as jk
+from ntkscope.metrics.state_axes import from_blocks, to_blocks
 from ntkscope.metrics.structure import (
     MAX_PAIR_BLOCKS,
-    _from_blocks,
-    _to_blocks,
     block_effective_rank,
     block_frobenius,
     block_traces,
@@ -136,7 +136,7 @@ def test_generic_axes_multi_keep_and_helpers():
     torch.testing.assert_close(ct.values, torch.einsum("sbhp,tbhp->st", J3, J3))
     # blocking round trip
     rows = torch.randn(5, 12, dtype=DT)
-    torch.testing.assert_close(_from_blocks(_to_blocks(rows, (3, 2, 2), [2, 0]), (3, 2, 2), [2, 0]), rows)
+    torch.testing.assert_close(from_blocks(to_blocks(rows, (3, 2, 2), [2, 0]), (3, 2, 2), [2, 0]), rows)
     e = s.trace.estimate(1, 2)
     assert e.exact and e.value == pytest.approx(float(ref[1, 2]))
 
@@ -165,3 +165,27 @@ def test_structure_errors():
         big, "time", axes=("time", "hidden"), shape=(MAX_PAIR_BLOCKS + 1, 2), pairs=False, cross=False, num_probes=4, seed=0
     )
     assert s.frobenius.values.shape == (MAX_PAIR_BLOCKS + 1,) and s.cross_trace is None
+
+
+def test_block_jackknife_helpers_against_brute_force() -> None:
+    """The batched jackknife the block statistics use: leave-one-out means, pair means, errors."""
+    g = torch.Generator().manual_seed(7)
+    m = 6
+    H = torch.randn(m, m, 2, 3, dtype=DT, generator=g)  # a pair statistic per entry of a (2, 3) grid
+    off = ~torch.eye(m, dtype=torch.bool)
+    rowsum = (H * off[:, :, None, None]).sum(1)
+    colsum = (H * off[:, :, None, None]).sum(0)
+    full, loo = jk.pair_mean_loo_from_sums(rowsum, colsum)
+
+    def pair_mean(idx: list[int]) -> torch.Tensor:
+        return torch.stack([H[i, j] for i in idx for j in idx if i != j]).mean(0)
+
+    torch.testing.assert_close(full, pair_mean(list(range(m))))
+    torch.testing.assert_close(loo, torch.stack([pair_mean([j for j in range(m) if j != k]) for k in range(m)]))
+    x = torch.randn(m, 4, dtype=DT, generator=g)
+    mean, x_loo = jk.mean_loo(x)
+    se, corrected = jk.stderr_and_corrected(mean, x_loo)
+    torch.testing.assert_close(se, x.std(0) / math.sqrt(m))  # a plain mean: std/√m
+    torch.testing.assert_close(corrected, x.mean(0))  # and no bias to remove
+    inf_se, same = jk.stderr_and_corrected(mean[:1], x_loo[:1, :1])
+    assert math.isinf(float(inf_se)) and torch.equal(same, mean[:1])  # one probe: no spread to measure

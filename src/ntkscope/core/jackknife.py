@@ -1,8 +1,10 @@
 """Jackknife (leave-one-probe-out) statistics: the one implementation every estimate uses.
 
-Estimators produce per-probe samples; :func:`mean_loo` and :func:`pair_mean_loo` turn samples
-and pair statistics into (value, leave-one-out values); a :class:`Part` holds such components
-from one probe set, and :func:`combine` gives the value, the delete-one jackknife standard error
+Estimators produce per-probe samples; :func:`mean_loo`, :func:`pair_mean_loo` and (batched, from
+row and column sums) :func:`pair_mean_loo_from_sums` turn samples and pair statistics into
+(value, leave-one-out values); :func:`stderr_and_corrected` gives the delete-one jackknife
+standard error and bias-corrected value of every entry of such a tensor; a :class:`Part` holds
+components from one probe set, and :func:`combine` gives the value, the jackknife standard error
 and the bias-corrected value of any smooth function of the components (Quenouille 1956;
 Efron & Stein 1981; for U-statistics, Arvesen 1969).
 """
@@ -46,12 +48,52 @@ def pair_mean_loo(H: torch.Tensor, independent_diag: bool = False) -> tuple[torc
     return full, loo
 
 
+def pair_mean_loo_from_sums(rowsum: torch.Tensor, colsum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Off-diagonal pair mean and its leave-one-probe-out values, batched, from row and column sums.
+
+    For pair statistics ``H_ij`` (any trailing batch shape ``...``, e.g. one per pair of blocks)
+    given through ``rowsum[k] = Σ_{j≠k} H_kj`` and ``colsum[k] = Σ_{i≠k} H_ik`` (leading probe
+    axis k, shape ``(m, ...)``): the mean ``Σ_{i≠j} H_ij / (m(m − 1))`` and, leaving probe k out
+    (dropping row k and column k), ``(Σ_{i≠j} H_ij − rowsum[k] − colsum[k]) / ((m − 1)(m − 2))``
+    (NaN for m = 2: one pair left, no spread).  The order-2 U-statistic of
+    :func:`pair_mean_loo` (``independent_diag=False``) without forming each ``(m, m)`` matrix:
+    callers accumulate the sums block by block.  Hoeffding (1948); Arvesen (1969) for its jackknife.
+    """
+    m = rowsum.shape[0]
+    total = rowsum.sum(0)
+    full = total / (m * (m - 1))
+    loo = (total - rowsum - colsum) / ((m - 1) * (m - 2)) if m > 2 else torch.full_like(rowsum, math.nan)
+    return full, loo
+
+
 def mean_loo(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean of per-probe samples and its leave-one-out values."""
+    """Mean of per-probe samples over the leading (probe) axis and its leave-one-out values.
+
+    ``x`` is ``(m, ...)``; returns ``(x̄, x̄_(k))`` with ``x̄_(k) = (Σ_i x_i − x_k)/(m − 1)`` of
+    shape ``(m, ...)``, in float64.
+    """
     x = x.to(torch.float64)
     m = x.shape[0]
-    total = x.sum()
+    total = x.sum(0)
     return total / m, (total - x) / (m - 1)
+
+
+def stderr_and_corrected(full: torch.Tensor, loo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Delete-one jackknife standard error and bias-corrected value, entrywise.
+
+    ``full`` is a statistic ``θ̂`` of m probes (any shape ``...``), ``loo`` its leave-one-out
+    values ``θ̂_(k)`` (shape ``(m, ...)``).  With ``θ̄ = mean_k θ̂_(k)``:
+    ``se = √((m − 1)/m · Σ_k (θ̂_(k) − θ̄)²)`` and ``θ̂_jack = m θ̂ − (m − 1) θ̄``, which removes
+    the O(1/m) bias of smooth functions such as ratios (Quenouille 1956; Efron & Stein 1981).
+    For a plain mean ``se = std/√m``.  With fewer than 2 probes: ``se = inf`` and ``full``.
+    :func:`combine` does the same for a scalar function of components from several probe sets.
+    """
+    m = loo.shape[0]
+    if m < 2:
+        return torch.full_like(full, math.inf), full
+    mean = loo.mean(0)
+    se = ((m - 1) / m * (loo - mean).square().sum(0)).sqrt()
+    return se, m * full - (m - 1) * mean
 
 
 @dataclass

@@ -43,33 +43,30 @@ in ``bias_corrected``).  ``rtol=`` grows the probe set (reusing every product, s
 
 from __future__ import annotations
 
-import copy
-import fnmatch
-import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from .. import estimators as est
-from ..core import jackknife as jk
 from ..core.estimate import Estimate
 from ..core.probes import Probe, ProbeStream, Stream, parse_probe, resolve_seed
 from ..estimators import exact as ex
 from ..operators.base import FactoredKernel
 from ..operators.ntk import NTK
 from . import adaptive as adapt
-from .structure import BlockEstimate, _jack, _mean_loo, _pair_stats
+from .block_estimate import BlockEstimate, RunCost, block_estimate, total_estimate
+from .block_operators import BlockKernels, PassCounter
+from .block_stats import BlockStats, exact_stats, jvp_stats, max_rel_error, vjp_stats
+from .param_groups import column_slices, resolve_groups
 
-__all__ = ["ParameterBlocks", "parameter_blocks", "resolve_groups"]
+__all__ = ["ParameterBlocks", "parameter_blocks"]
 
 DEFAULT_PROBES = 100
 #: The exact path stores J (D×P) and G dense D×D block kernels: cap both.
 EXACT_MAX_ENTRIES = 2 * 10**8
-ROOT = "(root)"
-REST = "(rest)"
 
 
 @dataclass
@@ -201,227 +198,7 @@ class ParameterBlocks:
         }
 
 
-# -- groups ------------------------------------------------------------------------------------
-
-
-def _owner(name: str) -> str:
-    return name.rsplit(".", 1)[0] if "." in name else ROOT
-
-
-def resolve_groups(
-    param_names: Sequence[str], groups: None | str | Mapping[str, str | Sequence[str]] = None
-) -> dict[str, list[str]]:
-    """Block name -> parameter names, in the kernel's parameter order.
-
-    ``None``: one block per module that owns parameters directly, named by its qualified name
-    (``"(root)"`` for the top module's own parameters).  ``"tensor"``: one block per parameter
-    tensor.  A dict: block name -> parameter names or glob patterns (``fnmatch``, e.g.
-    ``"layers.*.attn.*"``); a pattern that matches nothing, or a parameter claimed by two
-    blocks, is an error; parameters no block claims go to a last block ``"(rest)"``.
-    """
-    names = list(param_names)
-    if groups is None:
-        out: dict[str, list[str]] = {}
-        for n in names:
-            out.setdefault(_owner(n), []).append(n)
-        return out
-    if isinstance(groups, str):
-        if groups in ("tensor", "tensors"):
-            return {n: [n] for n in names}
-        if groups in ("module", "modules"):
-            return resolve_groups(names, None)
-        raise ValueError(f"groups={groups!r}: use None (one block per module), 'tensor', or a dict name -> patterns")
-    if not isinstance(groups, Mapping):
-        raise TypeError(f"groups must be None, 'tensor' or a dict name -> parameter names/patterns, not {type(groups).__name__}")
-    if not groups:
-        raise ValueError("groups is an empty dict: name at least one block")
-    claimed: dict[str, str] = {}
-    out = {}
-    for gname, pats in groups.items():
-        if not isinstance(gname, str):
-            raise TypeError(f"block names must be strings, got {gname!r}")
-        plist = [pats] if isinstance(pats, str) else list(pats)
-        if not plist:
-            raise ValueError(f"block {gname!r} lists no parameters")
-        members: list[str] = []
-        for pat in plist:
-            if not isinstance(pat, str):
-                raise TypeError(f"block {gname!r}: entries must be parameter names or glob patterns, got {type(pat).__name__}")
-            hit = [n for n in names if n == pat or fnmatch.fnmatchcase(n, pat)]
-            if not hit:
-                raise ValueError(f"block {gname!r}: {pat!r} matches no parameter of the kernel (it has {names[:6]}...)")
-            for n in hit:
-                if n in claimed and claimed[n] != gname:
-                    raise ValueError(f"parameter {n!r} is in two blocks: {claimed[n]!r} and {gname!r}")
-                if n not in members:
-                    claimed[n] = gname
-                    members.append(n)
-        out[gname] = [n for n in names if n in members]
-    rest = [n for n in names if n not in claimed]
-    if rest:
-        if REST in out:
-            raise ValueError(f"block name {REST!r} is reserved for the parameters no block claims")
-        out[REST] = rest
-    return out
-
-
-def _column_slices(numels: Sequence[int], idx: Sequence[int]) -> list[tuple[int, int]]:
-    offs = [0]
-    for n in numels:
-        offs.append(offs[-1] + n)
-    slices: list[tuple[int, int]] = []
-    for i in sorted(idx):
-        s, e = offs[i], offs[i + 1]
-        if slices and slices[-1][1] == s:
-            slices[-1] = (slices[-1][0], e)
-        else:
-            slices.append((s, e))
-    return slices
-
-
-# -- JVP-side block operators -------------------------------------------------------------------
-
-
-class _RestrictedFactor(FactoredKernel):
-    """``J_g`` as the full factor with the other rows of u zero (one full JVP per probe)."""
-
-    base: FactoredKernel
-
-    def __init__(self, base: FactoredKernel, slices: list[tuple[int, int]]) -> None:
-        super().__init__(base.dim, base.dtype, base.device)
-        self.base = base
-        self.slices = slices
-        self.num_params = sum(e - s for s, e in slices)
-        self.chunk_size = base.chunk_size
-
-    def _jvp(self, U: torch.Tensor) -> torch.Tensor:
-        full = torch.zeros(self.base.num_params, U.shape[1], dtype=U.dtype, device=U.device)
-        at = 0
-        for s, e in self.slices:
-            full[s:e] = U[at : at + e - s]
-            at += e - s
-        return self.base.jvp(full)
-
-    def _vjp(self, V: torch.Tensor) -> torch.Tensor:
-        A = self.base.vjp(V)
-        return torch.cat([A[s:e] for s, e in self.slices], 0)
-
-    def modes(self) -> dict[str, bool]:
-        return self.base.modes()
-
-
-def _block_operator(
-    K: FactoredKernel, names: list[str], slices: list[tuple[int, int]], chunk_size: int | None
-) -> tuple[FactoredKernel, str]:
-    """An operator for ``J_g`` alone and how it was built ("subset NTK" or "masked JVP")."""
-    model = getattr(K, "model", None)
-    if not isinstance(K, NTK) or model is None:
-        return _RestrictedFactor(K, slices), "masked JVP (the kernel has no model to restrict)"
-    live = dict(model.named_parameters())
-    values = dict(zip(K.param_names, getattr(K, "primals", ()) or ()))
-    src = model
-    if values and any(n not in live or values[n].shape != live[n].shape or not torch.equal(values[n], live[n]) for n in values):
-        # the kernel was built at other parameter values (a snapshot): restrict a private copy
-        src = copy.deepcopy(model)
-        own = dict(src.named_parameters())
-        with torch.no_grad():
-            for n, v in values.items():
-                own[n].copy_(v)
-    try:
-        sub = NTK(src, K.inputs, output=K.output, params=names, chunk_size=chunk_size)
-    except (ValueError, TypeError, RuntimeError) as e:
-        return _RestrictedFactor(K, slices), f"masked JVP (a subset NTK failed: {e})"
-    return sub, "subset NTK"
-
-
-# -- statistics ---------------------------------------------------------------------------------
-
-
-@dataclass
-class _Raw:
-    """Full and leave-one-out values (loo None: exact) of the block statistics."""
-
-    tr: torch.Tensor  # (G,)
-    tr_loo: torch.Tensor | None  # (m, G)
-    fro: torch.Tensor  # (G, G)
-    fro_loo: torch.Tensor | None  # (m, G, G)
-    tr0: torch.Tensor | None = None
-    tr0_loo: torch.Tensor | None = None
-    fro0: torch.Tensor | None = None
-    fro0_loo: torch.Tensor | None = None
-    cross: torch.Tensor | None = None  # (G, G): ⟨K_g, K0_h⟩_F
-    cross_loo: torch.Tensor | None = None
-
-
-def _gram_pairs(Ga: torch.Tensor, Gb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``mean_{i≠j} Γa^g_ij Γb^h_ij`` for all (g, h) with leave-one-out values.
-
-    ``Ga``, ``Gb``: ``(G, m, m)`` symmetric per-block probe Grams.  The same U-statistic as
-    :func:`ntkscope.core.jackknife.pair_mean_loo` on ``Γa^g ⊙ Γb^h``, for every pair at once.
-    """
-    m = Ga.shape[1]
-    if m < 2:
-        raise ValueError(f"block Frobenius products need num_probes >= 2, got {m}")
-    rows = torch.einsum("gij,hij->igh", Ga, Gb) - torch.einsum("gii,hii->igh", Ga, Gb)  # Σ_{j≠i}
-    return _pair_stats(rows, rows, m)
-
-
-def _vjp_raw(grams: torch.Tensor, grams0: torch.Tensor | None) -> _Raw:
-    tr, tr_loo = _mean_loo(torch.diagonal(grams, dim1=1, dim2=2).T)
-    fro, fro_loo = _gram_pairs(grams, grams)
-    raw = _Raw(tr, tr_loo, fro, fro_loo)
-    if grams0 is not None:
-        raw.tr0, raw.tr0_loo = _mean_loo(torch.diagonal(grams0, dim1=1, dim2=2).T)
-        raw.fro0, raw.fro0_loo = _gram_pairs(grams0, grams0)
-        raw.cross, raw.cross_loo = _gram_pairs(grams, grams0)
-    return raw
-
-
-def _pair_matrix(Ba: list[torch.Tensor], Bb: list[torch.Tensor], symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``E (b_{g,i}·b'_{h,j})²`` for all (g, h): pairs i ≠ j within a block, all pairs across."""
-    G, m = len(Ba), Ba[0].shape[0]
-    full = torch.zeros(G, G, dtype=torch.float64)
-    loo = torch.zeros(m, G, G, dtype=torch.float64)
-    for g in range(G):
-        for h in range(g if symmetric else 0, G):
-            C = Ba[g] @ Bb[h].T
-            f, lo = jk.pair_mean_loo(C.square().cpu(), independent_diag=g != h)
-            full[g, h], loo[:, g, h] = f, lo
-            if symmetric:
-                full[h, g], loo[:, h, g] = f, lo
-    return full, loo
-
-
-def _jvp_raw(B: list[torch.Tensor], B0: list[torch.Tensor] | None) -> _Raw:
-    tr, tr_loo = _mean_loo(torch.stack([b.square().sum(1) for b in B], 1).cpu())
-    fro, fro_loo = _pair_matrix(B, B, True)
-    raw = _Raw(tr, tr_loo, fro, fro_loo)
-    if B0 is not None:
-        raw.tr0, raw.tr0_loo = _mean_loo(torch.stack([b.square().sum(1) for b in B0], 1).cpu())
-        raw.fro0, raw.fro0_loo = _pair_matrix(B0, B0, True)
-        raw.cross, raw.cross_loo = _pair_matrix(B, B0, False)
-    return raw
-
-
-def _exact_raw(J: torch.Tensor, J0: torch.Tensor | None, slices: list[list[tuple[int, int]]]) -> _Raw:
-    def blocks(M: torch.Tensor) -> torch.Tensor:
-        Ks = []
-        for sl in slices:
-            Jg = torch.cat([M[:, s:e] for s, e in sl], 1).double()
-            Ks.append(Jg @ Jg.T)
-        return torch.stack(Ks)
-
-    Ks = blocks(J)
-    raw = _Raw(torch.diagonal(Ks, dim1=1, dim2=2).sum(1), None, torch.einsum("gij,hij->gh", Ks, Ks), None)
-    if J0 is not None:
-        K0s = blocks(J0)
-        raw.tr0 = torch.diagonal(K0s, dim1=1, dim2=2).sum(1)
-        raw.fro0 = torch.einsum("gij,hij->gh", K0s, K0s)
-        raw.cross = torch.einsum("gij,hij->gh", Ks, K0s)
-    return raw
-
-
-# -- the entry point -----------------------------------------------------------------------------
+# -- the kernels of one call --------------------------------------------------------------------
 
 
 def _check_kernel(K: Any, what: str) -> FactoredKernel:
@@ -431,6 +208,144 @@ def _check_kernel(K: Any, what: str) -> FactoredKernel:
             "parameter blocks need to know which columns of J belong to which parameter"
         )
     return K
+
+
+def _check_other(K: FactoredKernel, other: Any, check_inputs: bool) -> FactoredKernel:
+    K0 = _check_kernel(other, "other")
+    if list(K0.param_names) != list(K.param_names) or [int(n) for n in K0.param_numels] != [int(n) for n in K.param_numels]:  # type: ignore[attr-defined]
+        raise ValueError("other must have the same parameters (names and sizes, in the same order) as K")
+    if K0.dim != K.dim:
+        raise ValueError(f"other is over a different state: D = {K0.dim} vs {K.dim}")
+    if check_inputs and K.same_inputs(K0) is False:
+        raise ValueError("other was built on different inputs than K (pass check_inputs=False to skip this check)")
+    return K0
+
+
+# -- choosing and running a method ------------------------------------------------------------------
+
+
+def _choose_method(K: FactoredKernel, num_kernels: int, m: int, G: int, block_kernels: BlockKernels) -> tuple[str, str]:
+    """``method="auto"``: the method to run and why (see the module docstring)."""
+    exact_cost = min(K.dim, K.num_params) * num_kernels
+    if exact_cost <= m * num_kernels and K.dim * K.num_params <= EXACT_MAX_ENTRIES and G * K.dim**2 <= EXACT_MAX_ENTRIES:
+        return "exact", f"the exact Jacobian costs {exact_cost} passes, within the {m * num_kernels}-pass budget"
+    modes = K.modes()
+    if not modes["vjp"] and not modes["jvp"]:
+        raise RuntimeError("neither forward- nor reverse-mode AD works for this model")
+    if not modes["jvp"]:
+        return "vjp", "forward-mode AD is unavailable for this model"
+    if not modes["vjp"]:
+        return "jvp", "reverse-mode AD is unavailable for this model"
+    if not isinstance(K, NTK):
+        return "vjp", "one VJP per probe serves every block"
+    ops, _ = block_kernels.ops()
+    t_v = K.pass_seconds("vjp")
+    t_j = sum(o.pass_seconds("jvp") if isinstance(o, NTK) else K.pass_seconds("jvp") for o in ops)
+    reason = f"measured cost per probe: one VJP {t_v * 1e3:.3g} ms (all {G} blocks) vs {G} block JVPs {t_j * 1e3:.3g} ms"
+    return ("jvp" if t_j < t_v else "vjp"), reason
+
+
+def _exact(
+    K: FactoredKernel, K0: FactoredKernel | None, kernels: Sequence[FactoredKernel], slices: list[list[tuple[int, int]]]
+) -> tuple[BlockStats, str]:
+    """Exact statistics from the dense Jacobians, and the side that formed K's."""
+    G = len(slices)
+    for op in kernels:
+        if op.dim * op.num_params > EXACT_MAX_ENTRIES or G * op.dim**2 > EXACT_MAX_ENTRIES:
+            raise ValueError(
+                f"method='exact' would store a {op.dim}×{op.num_params} Jacobian and {G} dense {op.dim}×{op.dim} block "
+                "kernels: too large; use 'vjp'"
+            )
+    c0 = K.counts()
+    J = ex.jacobian(K)
+    side = "jvp" if K.counts()[0] > c0[0] else "vjp"
+    J0 = ex.jacobian(K0) if K0 is not None else None
+    return exact_stats(J, J0, slices), side
+
+
+def _vjp_grams(
+    op: FactoredKernel, stream: ProbeStream, m: int, slices: list[list[tuple[int, int]]], chunk_size: int | None
+) -> torch.Tensor:
+    """``(G, m, m)`` per-block probe Grams ``Γ^g_ij = a_{g,i}·a_{g,j}`` from m VJPs ``a_i = Jᵀw_i``."""
+    A = est.onesided(op, "vjp", stream.columns, m, keep=True, chunk_size=chunk_size)
+    out = torch.zeros(len(slices), m, m, dtype=torch.float64)
+    for g, sl in enumerate(slices):
+        for s, e in sl:
+            Ag = A[:, s:e].to(torch.float64)
+            out[g] += (Ag @ Ag.T).cpu()
+    return out
+
+
+def _jvp_rows(ops: list[FactoredKernel], K: FactoredKernel, kind: Probe, seed: int, m: int, chunk_size: int | None) -> list[torch.Tensor]:
+    """Per block g, ``(m, D)`` JVP samples ``b_{g,i} = J_g u_{g,i}`` on the block's own probe stream (K's dtype and device)."""
+    out = []
+    for g, op in enumerate(ops):
+        st = ProbeStream(op.num_params, kind, seed, Stream.BLOCK_JVP + g, K.dtype, K.device)
+        out.append(est.onesided(op, "jvp", st.columns, m, keep=True, chunk_size=chunk_size).to(torch.float64))
+    return out
+
+
+def _sampler(
+    side: str,
+    K: FactoredKernel,
+    K0: FactoredKernel | None,
+    block_kernels: BlockKernels,
+    kind: Probe,
+    seed: int,
+    chunk_size: int | None,
+    memoise: bool,
+) -> Callable[[int], BlockStats]:
+    """``m -> statistics of m probes`` on ``side``; ``memoise``: later calls reuse every product."""
+
+    def run_on(op: FactoredKernel) -> FactoredKernel:
+        return adapt.cached(op) if memoise else op  # type: ignore[return-value]
+
+    if side == "vjp":
+        run_K, run_K0 = run_on(K), None if K0 is None else run_on(K0)
+        stream = ProbeStream(K.dim, kind, seed, Stream.MAIN, K.dtype, K.device)
+        slices = block_kernels.slices
+
+        def vjp_side(m: int) -> BlockStats:
+            gK = _vjp_grams(run_K, stream, m, slices, chunk_size)
+            return vjp_stats(gK, None if run_K0 is None else gK if K0 is K else _vjp_grams(run_K0, stream, m, slices, chunk_size))
+
+        return vjp_side
+    ops, ops0 = block_kernels.ops()
+    run_ops = [run_on(o) for o in ops]
+    run_ops0 = None if ops0 is None else [run_on(o) for o in ops0]
+
+    def jvp_side(m: int) -> BlockStats:
+        bK = _jvp_rows(run_ops, K, kind, seed, m, chunk_size)
+        return jvp_stats(bK, None if run_ops0 is None else bK if K0 is K else _jvp_rows(run_ops0, K, kind, seed, m, chunk_size))
+
+    return jvp_side
+
+
+def _adaptive(
+    sample: Callable[[int], BlockStats],
+    passes: PassCounter,
+    m: int,
+    rtol: float | None,
+    max_passes: int | None,
+    info: dict[str, Any],
+) -> tuple[BlockStats, int, bool | None]:
+    """Grow the probes until :func:`~ntkscope.metrics.block_stats.max_rel_error` meets ``rtol``."""
+
+    def run(mm: int) -> tuple[float, float, Any]:
+        st = sample(mm)
+        return 1.0, max_rel_error(st), st
+
+    res = adapt.drive(run, lambda: sum(passes.spent()), m, rtol=rtol, atol=None, max_passes=max_passes, what="parameter_blocks")
+    info["adaptive"] = {
+        "rounds": [{"num_probes": h["num_probes"], "max_rel_error": h["stderr"], "passes": h["passes"]} for h in res.history],
+        "stop": res.stop_reason,
+        "rtol": rtol,
+        "max_passes": max_passes,
+    }
+    return res.payload, res.num_probes, res.converged
+
+
+# -- the entry point -----------------------------------------------------------------------------
 
 
 def parameter_blocks(
@@ -454,7 +369,7 @@ def parameter_blocks(
         K: an :class:`ntkscope.NTK`.
         groups: ``None`` (one block per module owning parameters), ``"tensor"`` (one per
             parameter tensor) or a dict block name -> parameter names / glob patterns (see
-            :func:`resolve_groups`).
+            :func:`~ntkscope.metrics.param_groups.resolve_groups`).
         other: a second NTK over the same inputs with the same parameter names (e.g.
             ``NTK(model, X, params=theta0)``, the kernel at initialisation): adds per-block
             alignments ``⟨K_g, K0_g⟩_F / (‖K_g‖_F‖K0_g‖_F)`` and K0's block statistics.
@@ -483,297 +398,137 @@ def parameter_blocks(
     if kind is Probe.ORTHOGONAL:
         raise ValueError("parameter_blocks needs independent probes; orthogonal probes are dependent")
     base_seed = resolve_seed(seed)
+    K0 = None if other is None else _check_other(K, other, check_inputs)
     names: list[str] = list(K.param_names)  # type: ignore[attr-defined]
     numels: list[int] = [int(n) for n in K.param_numels]  # type: ignore[attr-defined]
-    K0: FactoredKernel | None = None
-    if other is not None:
-        K0 = _check_kernel(other, "other")
-        if list(K0.param_names) != names or [int(n) for n in K0.param_numels] != numels:  # type: ignore[attr-defined]
-            raise ValueError("other must have the same parameters (names and sizes, in the same order) as K")
-        if K0.dim != K.dim:
-            raise ValueError(f"other is over a different state: D = {K0.dim} vs {K.dim}")
-        if check_inputs and K.same_inputs(K0) is False:
-            raise ValueError("other was built on different inputs than K (pass check_inputs=False to skip this check)")
     blocks = resolve_groups(names, groups)
-    bnames = list(blocks)
     idx = {n: i for i, n in enumerate(names)}
-    slices = [_column_slices(numels, [idx[p] for p in blocks[b]]) for b in bnames]
-    bnumels = [sum(e - s for s, e in sl) for sl in slices]
-    G = len(bnames)
-    leaves: list[FactoredKernel] = [K] + ([K0] if K0 is not None and K0 is not K else [])
-    info: dict[str, Any] = {"probes": kind.value, "blocks": G}
-
-    before_leaves = {id(o): o.counts() for o in leaves}
-
-    def add_leaf(op: FactoredKernel) -> None:
-        if not isinstance(op, _RestrictedFactor) and id(op) not in before_leaves:
-            before_leaves[id(op)] = op.counts()
-            leaves.append(op)
-
-    def spent() -> tuple[int, int]:
-        tot = [0, 0]
-        for o in leaves:
-            a, b = o.counts(), before_leaves[id(o)]
-            tot[0] += a[0] - b[0]
-            tot[1] += a[1] - b[1]
-        return tot[0], tot[1]
-
-    sub_ops: list[FactoredKernel] | None = None
-    sub_ops0: list[FactoredKernel] | None = None
-
-    def build_subs() -> None:
-        nonlocal sub_ops, sub_ops0
-        if sub_ops is not None:
-            return
-        how: list[str] = []
-        sub_ops = []
-        for b, sl in zip(bnames, slices):
-            op, h = _block_operator(K, blocks[b], sl, chunk_size)
-            sub_ops.append(op)
-            add_leaf(op)
-            how.append(h)
-        if K0 is K:
-            sub_ops0 = sub_ops
-        elif K0 is not None:
-            sub_ops0 = []
-            for b, sl in zip(bnames, slices):
-                op, h = _block_operator(K0, blocks[b], sl, chunk_size)
-                sub_ops0.append(op)
-                add_leaf(op)
-        info["jvp_blocks"] = sorted(set(how))
-
+    slices = [column_slices(numels, [idx[p] for p in members]) for members in blocks.values()]
+    kernels = [K] + ([K0] if K0 is not None and K0 is not K else [])
+    info: dict[str, Any] = {"probes": kind.value, "blocks": len(blocks)}
+    passes = PassCounter(kernels)
+    block_kernels = BlockKernels(K, K0, list(blocks.values()), slices, chunk_size, passes, info)
     meth = method
     if meth == "auto":
-        exact_cost = min(K.dim, K.num_params) * len(leaves)
-        if exact_cost <= m * len(leaves) and K.dim * K.num_params <= EXACT_MAX_ENTRIES and G * K.dim**2 <= EXACT_MAX_ENTRIES:
-            meth, reason = "exact", f"the exact Jacobian costs {exact_cost} passes, within the {m * len(leaves)}-pass budget"
-        else:
-            modes = K.modes()
-            if not modes["vjp"] and not modes["jvp"]:
-                raise RuntimeError("neither forward- nor reverse-mode AD works for this model")
-            if not modes["jvp"]:
-                meth, reason = "vjp", "forward-mode AD is unavailable for this model"
-            elif not modes["vjp"]:
-                meth, reason = "jvp", "reverse-mode AD is unavailable for this model"
-            elif not isinstance(K, NTK):
-                meth, reason = "vjp", "one VJP per probe serves every block"
-            else:
-                build_subs()
-                assert sub_ops is not None
-                t_v = K.pass_seconds("vjp")
-                t_j = sum(o.pass_seconds("jvp") if isinstance(o, NTK) else K.pass_seconds("jvp") for o in sub_ops)
-                if t_j < t_v:
-                    meth = "jvp"
-                else:
-                    meth = "vjp"
-                reason = (
-                    f"measured cost per probe: one VJP {t_v * 1e3:.3g} ms (all {G} blocks) vs {G} block JVPs {t_j * 1e3:.3g} ms"
-                )
-        info["reason"] = reason
+        meth, info["reason"] = _choose_method(K, len(kernels), m, len(blocks), block_kernels)
     if meth == "jvp" and kind is Probe.SPHERE:
         raise ValueError("method='jvp' needs probes with independent entries: use 'rademacher' or 'gaussian'")
-
     converged: bool | None = None
     if meth == "exact":
-        for op in leaves:
-            if op.dim * op.num_params > EXACT_MAX_ENTRIES or G * op.dim**2 > EXACT_MAX_ENTRIES:
-                raise ValueError(
-                    f"method='exact' would store a {op.dim}×{op.num_params} Jacobian and {G} dense {op.dim}×{op.dim} block "
-                    "kernels: too large; use 'vjp'"
-                )
-        c0 = K.counts()
-        J = ex.jacobian(K)
-        side = "jvp" if K.counts()[0] > c0[0] else "vjp"
-        J0 = ex.jacobian(K0) if K0 is not None else None
-        raw = _exact_raw(J, J0, slices)
-        m_used = 0
+        st, side = _exact(K, K0, kernels, slices)
+        m = 0
     else:
         side = meth
-        dtype, device = K.dtype, K.device
-        if meth == "jvp":
-            build_subs()
-            assert sub_ops is not None
-        run_K: FactoredKernel = K
-        run_K0: FactoredKernel | None = K0
-        run_subs, run_subs0 = sub_ops, sub_ops0
-        if adaptive:  # memoised proxies: later rounds reuse every product
-            run_K = adapt.cached(K)  # type: ignore[assignment]
-            run_K0 = adapt.cached(K0) if K0 is not None else None  # type: ignore[assignment]
-            run_subs = [adapt.cached(o) for o in sub_ops] if sub_ops is not None else None  # type: ignore[misc]
-            run_subs0 = [adapt.cached(o) for o in sub_ops0] if sub_ops0 is not None else None  # type: ignore[misc]
-
-        def compute(mm: int) -> _Raw:
-            if meth == "vjp":
-                stream = ProbeStream(K.dim, kind, base_seed, Stream.MAIN, dtype, device)
-
-                def grams(op: FactoredKernel) -> torch.Tensor:
-                    A = est.onesided(op, "vjp", stream.columns, mm, keep=True, chunk_size=chunk_size)
-                    out = torch.zeros(G, mm, mm, dtype=torch.float64)
-                    for g, sl in enumerate(slices):
-                        for s, e in sl:
-                            Ag = A[:, s:e].to(torch.float64)
-                            out[g] += (Ag @ Ag.T).cpu()
-                    return out
-
-                gK = grams(run_K)
-                return _vjp_raw(gK, None if run_K0 is None else gK if K0 is K else grams(run_K0))
-            assert run_subs is not None
-
-            def rows(ops: list[FactoredKernel]) -> list[torch.Tensor]:
-                out = []
-                for g, op in enumerate(ops):
-                    st = ProbeStream(op.num_params, kind, base_seed, Stream.BLOCK_JVP + g, dtype, device)
-                    out.append(est.onesided(op, "jvp", st.columns, mm, keep=True, chunk_size=chunk_size).to(torch.float64))
-                return out
-
-            bK = rows(run_subs)
-            return _jvp_raw(bK, None if run_subs0 is None else bK if K0 is K else rows(run_subs0))
-
+        sample = _sampler(side, K, K0, block_kernels, kind, base_seed, chunk_size, memoise=adaptive)
         if adaptive:
-            last: dict[str, Any] = {}
-
-            def run(mm: int) -> tuple[float, float, Any]:
-                r = compute(mm)
-                last["raw"] = r
-                return 1.0, _criterion(r), r
-
-            def passes_now() -> int:
-                return sum(spent())
-
-            res = adapt.drive(run, passes_now, m, rtol=rtol, atol=None, max_passes=max_passes, what="parameter_blocks")
-            raw, m_used, converged = res.payload, res.num_probes, res.converged
-            info["adaptive"] = {
-                "rounds": [
-                    {"num_probes": h["num_probes"], "max_rel_error": h["stderr"], "passes": h["passes"]} for h in res.history
-                ],
-                "stop": res.stop_reason,
-                "rtol": rtol,
-                "max_passes": max_passes,
-            }
+            st, m, converged = _adaptive(sample, passes, m, rtol, max_passes, info)
         else:
-            raw = compute(m)
-            m_used = m
-    jv, vj = spent()
-    secs = time.perf_counter() - t0
-    return _assemble(raw, bnames, blocks, bnumels, meth, side, m_used, jv, vj, secs, converged, info)
+            st = sample(m)
+    jv, vj = passes.spent()
+    cost = RunCost(meth, m, jv, vj, time.perf_counter() - t0)
+    return _assemble(st, blocks, [sum(e - s for s, e in sl) for sl in slices], side, cost, converged, info)
 
 
-def _criterion(r: _Raw) -> float:
-    """Worst relative error: block entries against the totals, and the totals themselves."""
-    assert r.tr_loo is not None and r.fro_loo is not None
-    tt, tt_loo = r.tr.sum(), r.tr_loo.sum(1)
-    ft, ft_loo = r.fro.sum(), r.fro_loo.sum((1, 2))
-    se_tr, _ = _jack(r.tr, r.tr_loo)
-    se_fr, _ = _jack(r.fro, r.fro_loo)
-    se_tt, _ = _jack(tt, tt_loo)
-    se_ft, _ = _jack(ft, ft_loo)
-    errs = [float(se_tt / tt.abs()), float(se_ft / ft.abs()), float(se_tr.max() / tt.abs()), float(se_fr.max() / ft.abs())]
-    return max(e if math.isfinite(e) else math.inf for e in errs)
+# -- results ----------------------------------------------------------------------------------------
+
+_AX1: tuple[str, ...] = ("block",)
+_AX2: tuple[str, ...] = ("block", "block'")
+
+
+def _diagonal(x: torch.Tensor | None) -> torch.Tensor | None:
+    """The diagonal of a ``(G, G)`` grid, or of each of ``(m, G, G)`` leave-one-out grids."""
+    if x is None:
+        return None
+    return torch.diagonal(x) if x.dim() == 2 else torch.diagonal(x, dim1=1, dim2=2)
+
+
+def _loo_sum(x: torch.Tensor | None, dims: tuple[int, ...]) -> torch.Tensor | None:
+    return None if x is None else x.sum(dims)
+
+
+def _cosine(c: torch.Tensor | None, a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    """``c / √(a b)`` (None if any part is: exact)."""
+    return None if c is None or a is None or b is None else c / torch.sqrt(a * b)
+
+
+def _add_other(out: ParameterBlocks, st: BlockStats, cost: RunCost, totals_info: dict[str, Any]) -> None:
+    """With ``other``: the per-block and whole-kernel alignments, K0's blocks and the cross inner products."""
+    assert st.fro0 is not None and st.tr0 is not None and st.cross is not None
+    fd, fd_loo = _diagonal(st.fro), _diagonal(st.fro_loo)
+    f0d, f0d_loo = _diagonal(st.fro0), _diagonal(st.fro0_loo)
+    cd, cd_loo = _diagonal(st.cross), _diagonal(st.cross_loo)
+    assert f0d is not None
+    if bool((f0d <= 0).all()):
+        raise ValueError("other is estimated as zero (its parameters do not affect the state): the alignment is undefined")
+    alignment = _cosine(cd, fd, f0d)
+    assert alignment is not None
+    out.alignment = block_estimate("alignment", alignment, _cosine(cd_loo, fd_loo, f0d_loo), _AX1, cost, ratio=True)
+    ft, ft_loo = st.fro.sum(), _loo_sum(st.fro_loo, (1, 2))
+    f0t, f0t_loo = st.fro0.sum(), _loo_sum(st.fro0_loo, (1, 2))
+    ct, ct_loo = st.cross.sum(), _loo_sum(st.cross_loo, (1, 2))
+    total_alignment = _cosine(ct, ft, f0t)
+    assert total_alignment is not None
+    out.total_alignment = total_estimate(
+        "alignment", total_alignment, _cosine(ct_loo, ft_loo, f0t_loo), cost, totals_info, ratio=True
+    )
+    out.other_trace = block_estimate("trace", st.tr0, st.tr0_loo, _AX1, cost)
+    out.other_frobenius = block_estimate("frobenius_inner", st.fro0, st.fro0_loo, _AX2, cost)
+    out.cross = block_estimate("cross_inner", st.cross, st.cross_loo, _AX2, cost)
 
 
 def _assemble(
-    raw: _Raw,
-    bnames: list[str],
+    st: BlockStats,
     blocks: dict[str, list[str]],
-    bnumels: list[int],
-    method: str,
+    numels: list[int],
     side: str,
-    m: int,
-    jv: int,
-    vj: int,
-    secs: float,
+    cost: RunCost,
     converged: bool | None,
     info: dict[str, Any],
 ) -> ParameterBlocks:
-    exact = method == "exact"
-    ax1: tuple[str, ...] = ("block",)
-    ax2: tuple[str, ...] = ("block", "block'")
-
-    def block(q: str, full: torch.Tensor, loo: torch.Tensor | None, ax: tuple[str, ...], ratio: bool = False) -> BlockEstimate:
-        se = bc = None
-        if not exact and loo is not None:
-            se, bc = _jack(full, loo)
-            bc = bc if ratio else None
-        return BlockEstimate(full, se, ax, q, method, m, jv, vj, secs, bc)
-
-    def total(q: str, full: torch.Tensor, loo: torch.Tensor | None, ratio: bool = False) -> Estimate:
-        tinfo: dict[str, Any] = {"side": side}
-        se: float | None = None
-        if not exact and loo is not None:
-            s, b = _jack(full, loo)
-            se = float(s)
-            if ratio:
-                tinfo["bias_corrected"] = float(b)
-        return Estimate(float(full), se, jv, vj, m, method, secs, q, exact, tinfo)
-
-    def diag(x: torch.Tensor | None, batched: bool) -> torch.Tensor | None:
-        if x is None:
-            return None
-        return torch.diagonal(x, dim1=1, dim2=2) if batched else torch.diagonal(x)
-
-    def loo_sum(x: torch.Tensor | None, dims: tuple[int, ...]) -> torch.Tensor | None:
-        return None if x is None else x.sum(dims)
-
-    fd, fd_loo = diag(raw.fro, False), diag(raw.fro_loo, True)
+    """The :class:`ParameterBlocks` of the statistics: blocks, ratios, whole-kernel totals (sums of the blocks)."""
+    names = list(blocks)
+    fd, fd_loo = _diagonal(st.fro), _diagonal(st.fro_loo)
     assert fd is not None
     if bool((fd <= 0).all()):
         raise ValueError("the kernel is estimated as zero (the parameters do not affect the state): its statistics are undefined")
-    zero = [bnames[i] for i in range(len(bnames)) if float(fd[i]) <= 0]
+    zero = [names[i] for i in range(len(names)) if float(fd[i]) <= 0]
     if zero:  # parameters that do not reach the state (e.g. layers above a hidden state): ratios are NaN
         info["zero_blocks"] = zero
-    reff = block(
-        "effective_rank",
-        raw.tr.square() / fd,
-        raw.tr_loo.square() / fd_loo if raw.tr_loo is not None and fd_loo is not None else None,
-        ax1,
-        True,
-    )
-    tt, tt_loo = raw.tr.sum(), loo_sum(raw.tr_loo, (1,))
-    ft, ft_loo = raw.fro.sum(), loo_sum(raw.fro_loo, (1, 2))
+    reff_loo = st.tr_loo.square() / fd_loo if st.tr_loo is not None and fd_loo is not None else None
+    tt, tt_loo = st.tr.sum(), _loo_sum(st.tr_loo, (1,))
+    ft, ft_loo = st.fro.sum(), _loo_sum(st.fro_loo, (1, 2))
+    totals_info = {"side": side}
     out = ParameterBlocks(
-        names=bnames,
-        params={b: list(blocks[b]) for b in bnames},
-        numels=bnumels,
-        trace=block("trace", raw.tr, raw.tr_loo, ax1),
-        frobenius=block("frobenius_inner", raw.fro, raw.fro_loo, ax2),
-        effective_rank=reff,
-        total_trace=total("trace", tt, tt_loo),
-        total_frobenius_sq=total("frobenius_norm_sq", ft, ft_loo),
-        total_effective_rank=total(
-            "effective_rank", tt**2 / ft, tt_loo**2 / ft_loo if tt_loo is not None and ft_loo is not None else None, True
+        names=names,
+        params={b: list(blocks[b]) for b in names},
+        numels=numels,
+        trace=block_estimate("trace", st.tr, st.tr_loo, _AX1, cost),
+        frobenius=block_estimate("frobenius_inner", st.fro, st.fro_loo, _AX2, cost),
+        effective_rank=block_estimate("effective_rank", st.tr.square() / fd, reff_loo, _AX1, cost, ratio=True),
+        total_trace=total_estimate("trace", tt, tt_loo, cost, totals_info),
+        total_frobenius_sq=total_estimate("frobenius_norm_sq", ft, ft_loo, cost, totals_info),
+        total_effective_rank=total_estimate(
+            "effective_rank",
+            tt**2 / ft,
+            tt_loo**2 / ft_loo if tt_loo is not None and ft_loo is not None else None,
+            cost,
+            totals_info,
+            ratio=True,
         ),
         alignment=None,
         total_alignment=None,
         other_trace=None,
         other_frobenius=None,
         cross=None,
-        method=method,
+        method=cost.method,
         side=side,
-        num_probes=m,
-        jvp_passes=jv,
-        vjp_passes=vj,
-        seconds=secs,
+        num_probes=cost.num_probes,
+        jvp_passes=cost.jvp_passes,
+        vjp_passes=cost.vjp_passes,
+        seconds=cost.seconds,
         converged=converged,
         info=info,
     )
-    if raw.cross is not None:
-        assert raw.fro0 is not None and raw.tr0 is not None
-        f0d, f0d_loo = diag(raw.fro0, False), diag(raw.fro0_loo, True)
-        cd, cd_loo = diag(raw.cross, False), diag(raw.cross_loo, True)
-        assert f0d is not None and cd is not None
-        if bool((f0d <= 0).all()):
-            raise ValueError("other is estimated as zero (its parameters do not affect the state): the alignment is undefined")
-
-        def cos(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-            return c / torch.sqrt(a * b)
-
-        al_loo = cos(cd_loo, fd_loo, f0d_loo) if cd_loo is not None and fd_loo is not None and f0d_loo is not None else None
-        out.alignment = block("alignment", cos(cd, fd, f0d), al_loo, ax1, True)
-        f0t, f0t_loo = raw.fro0.sum(), loo_sum(raw.fro0_loo, (1, 2))
-        ct, ct_loo = raw.cross.sum(), loo_sum(raw.cross_loo, (1, 2))
-        tal_loo = cos(ct_loo, ft_loo, f0t_loo) if ct_loo is not None and ft_loo is not None and f0t_loo is not None else None
-        out.total_alignment = total("alignment", cos(ct, ft, f0t), tal_loo, True)
-        out.other_trace = block("trace", raw.tr0, raw.tr0_loo, ax1)
-        out.other_frobenius = block("frobenius_inner", raw.fro0, raw.fro0_loo, ax2)
-        out.cross = block("cross_inner", raw.cross, raw.cross_loo, ax2)
+    if st.cross is not None:
+        _add_other(out, st, cost, totals_info)
     return out

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from ..core.estimate import Estimate
+from ..core.jackknife import Part, combine
 from ..core.linalg import lanczos, nystrom_from_sketch, tridiag_eig
 from ..core.probes import Probe, ProbeStream, Stream, resolve_seed
 from ..estimators import exact as ex
@@ -56,9 +57,6 @@ __all__ = [
     "entropy_rank_of",
     "participation_ratio_of",
 ]
-
-# probe streams of this module (distinct from the estimators' 0..3)
-
 
 @dataclass
 class Eigen:
@@ -85,13 +83,48 @@ class Eigen:
         return f"top eigenvalues [{vals}]{err} [{self.method}, {self.jvp_passes} JVP + {self.vjp_passes} VJP passes, {self.seconds:.3g} s]"
 
 
-def _counts(op: KernelOperator) -> tuple[int, int, int]:
-    base = op.base
-    return base.counts()
-
-
 def _matmat_chunked(op: KernelOperator, X: torch.Tensor, chunk: int | None) -> torch.Tensor:
     return gather_columns(lambda V: op.matmat(V.to(op.dtype)), X, chunk or op.chunk_size).to(torch.float64)
+
+
+def _sketch(op: KernelOperator, seed: int, columns: int) -> torch.Tensor:
+    """The Gaussian test matrix ``Ω`` (``D × columns``) of the randomized methods and Lanczos starts."""
+    return ProbeStream(op.dim, Probe.GAUSSIAN, seed, Stream.SPECTRUM, torch.float64, op.device).columns(0, columns)
+
+
+def _nystrom(op: KernelOperator, seed: int, ell: int, power_iters: int, chunk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues and vectors of the stable-shift Nyström approximation from ``ℓ`` sketch columns."""
+    Om = _sketch(op, seed, ell)
+    for _ in range(power_iters):
+        Om, _ = torch.linalg.qr(_matmat_chunked(op, Om, chunk))
+    Y = _matmat_chunked(op, Om, chunk)
+    return nystrom_from_sketch(Om, Y, float(torch.finfo(op.dtype).eps))
+
+
+def _rsvd(op: FactoredKernel, seed: int, ell: int, power_iters: int, chunk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared singular values and left singular vectors of ``J`` from the randomized SVD."""
+    c = chunk or op.chunk_size
+
+    def apply(product: Callable[[torch.Tensor], torch.Tensor], X: torch.Tensor) -> torch.Tensor:
+        return torch.cat([product(X[:, s : s + c].to(op.dtype)) for s in range(0, X.shape[1], c)], 1).double()
+
+    Q, _ = torch.linalg.qr(apply(op.vjp, _sketch(op, seed, ell)))  # P × ℓ: row space of J
+    for _ in range(power_iters):
+        Z, _ = torch.linalg.qr(apply(op.jvp, Q))
+        Q, _ = torch.linalg.qr(apply(op.vjp, Z))
+    U, sig, _ = torch.linalg.svd(apply(op.jvp, Q), full_matrices=False)  # JQ: D × ℓ
+    return sig**2, U
+
+
+def _lanczos_top(op: KernelOperator, seed: int, k: int, steps: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The top ``k`` Ritz values (clipped at 0) and vectors of ``steps`` Lanczos steps, and the steps run."""
+    alpha, beta, V = lanczos(lambda x: op.matmat(x.to(op.dtype)), _sketch(op, seed, 1)[:, 0], steps)
+    theta, W = tridiag_eig(alpha, beta)
+    theta, W = theta.flip(0), W.flip(1)
+    m = min(k, theta.numel())
+    vals = torch.zeros(k, dtype=torch.float64)
+    vals[:m] = theta[:m].clamp(min=0)
+    return vals, V @ W[:, :k], int(alpha.numel())
 
 
 def top_eigenvalues(
@@ -138,8 +171,7 @@ def top_eigenvalues(
     if method not in ("nystrom", "rsvd", "lanczos", "gram"):
         raise ValueError(f"unknown method {method!r}; choose 'auto', 'nystrom', 'rsvd', 'lanczos' or 'gram'")
     base = resolve_seed(seed)
-    c0 = _counts(op)
-    eps = float(torch.finfo(op.dtype).eps)
+    c0 = op.base.counts()
     vecs: torch.Tensor | None = None
     info: dict[str, Any] = {}
     if method == "gram":
@@ -147,50 +179,22 @@ def top_eigenvalues(
         vals = torch.zeros(k_eff, dtype=torch.float64)
         vals[: min(k_eff, ev.numel())] = ev[:k_eff].clamp(min=0)
         info["exact"] = True
-    elif method == "nystrom":
-        Om = ProbeStream(n, Probe.GAUSSIAN, base, Stream.SPECTRUM, torch.float64, op.device).columns(0, ell)
-        for _ in range(power_iters):
-            Om, _ = torch.linalg.qr(_matmat_chunked(op, Om, chunk_size))
-        Y = _matmat_chunked(op, Om, chunk_size)
-        ev, U = nystrom_from_sketch(Om, Y, eps)
+    elif method in ("nystrom", "rsvd"):
+        if method == "nystrom":
+            ev, U = _nystrom(op, base, ell, power_iters, chunk_size)
+        else:
+            assert isinstance(op, FactoredKernel)
+            ev, U = _rsvd(op, base, ell, power_iters, chunk_size)
         vals, vecs = ev[:k_eff], U[:, :k_eff]
         info["sketch_size"] = ell
-    elif method == "rsvd":
-        assert isinstance(op, FactoredKernel)
-        c = chunk_size or op.chunk_size
-
-        def vjp(X: torch.Tensor) -> torch.Tensor:
-            return torch.cat([op.vjp(X[:, s : s + c].to(op.dtype)) for s in range(0, X.shape[1], c)], 1).double()
-
-        def jvp(X: torch.Tensor) -> torch.Tensor:
-            return torch.cat([op.jvp(X[:, s : s + c].to(op.dtype)) for s in range(0, X.shape[1], c)], 1).double()
-
-        Om = ProbeStream(n, Probe.GAUSSIAN, base, Stream.SPECTRUM, torch.float64, op.device).columns(0, ell)
-        Q, _ = torch.linalg.qr(vjp(Om))  # P × ℓ: row space of J
-        for _ in range(power_iters):
-            Z, _ = torch.linalg.qr(jvp(Q))
-            Q, _ = torch.linalg.qr(vjp(Z))
-        B = jvp(Q)  # D × ℓ
-        U, sig, _ = torch.linalg.svd(B, full_matrices=False)
-        vals, vecs = sig[:k_eff] ** 2, U[:, :k_eff]
-        info["sketch_size"] = ell
     else:
-        s = min(n, steps if steps is not None else 3 * k_eff + 20)
-        v0 = ProbeStream(n, Probe.GAUSSIAN, base, Stream.SPECTRUM, torch.float64, op.device).columns(0, 1)[:, 0]
-        alpha, beta, V = lanczos(lambda x: op.matmat(x.to(op.dtype)), v0, s)
-        theta, W = tridiag_eig(alpha, beta)
-        theta, W = theta.flip(0), W.flip(1)
-        m = min(k_eff, theta.numel())
-        vals = torch.zeros(k_eff, dtype=torch.float64)
-        vals[:m] = theta[:m].clamp(min=0)
-        vecs = V @ W[:, :k_eff]
-        info["steps"] = int(alpha.numel())
+        vals, vecs, info["steps"] = _lanczos_top(op, base, k_eff, min(n, steps if steps is not None else 3 * k_eff + 20))
     if vecs is None:
         errors = torch.zeros_like(vals)
     else:  # Ritz residuals ‖K u − λ u‖: each value lies within its residual of an eigenvalue of K
         U = vecs.to(torch.float64)
         errors = torch.linalg.vector_norm(_matmat_chunked(op, U, chunk_size) - U * vals[None, :], dim=0).cpu()
-    c1 = _counts(op)
+    c1 = op.base.counts()
     jv, vj = c1[0] - c0[0], c1[1] - c0[1]
     # K-products: counted ones, or (rsvd: J and Jᵀ applied separately) half the AD passes
     mvs = (jv + vj) // 2 if factored else c1[2] - c0[2]
@@ -263,7 +267,7 @@ def spectral_density(
     if num_probes < 1 or steps < 1:
         raise ValueError("num_probes and steps must be >= 1")
     stream = ProbeStream(op.dim, Probe(probes), resolve_seed(seed), Stream.LANCZOS, torch.float64, op.device)
-    c0 = _counts(op)
+    c0 = op.base.counts()
     V = stream.columns(0, num_probes)
     nodes, weights = [], []
     for l in range(num_probes):
@@ -271,7 +275,7 @@ def spectral_density(
         theta, W = tridiag_eig(alpha, beta)
         nodes.append(theta.cpu())
         weights.append((W[0] ** 2).cpu())
-    c1 = _counts(op)
+    c1 = op.base.counts()
     return SpectralDensity(
         nodes, weights, V.square().sum(0).cpu(), op.dim, c1[0] - c0[0], c1[1] - c0[1], time.perf_counter() - t0
     )
@@ -318,9 +322,9 @@ def entropy_effective_rank(
     t0 = time.perf_counter()
     op = as_operator(K)
     if method == "exact":
-        c0 = _counts(op)
+        c0 = op.base.counts()
         ev = ex.eigenvalues(op)
-        c1 = _counts(op)
+        c1 = op.base.counts()
         return Estimate(
             value=entropy_rank_of(ev),
             stderr=None,
@@ -336,8 +340,6 @@ def entropy_effective_rank(
     if method != "slq":
         raise ValueError(f"unknown method {method!r}; choose 'slq' or 'exact'")
     sd = spectral_density(op, num_probes, steps, seed=seed, probes=probes)
-    from .api import Part, combine
-
     samples = torch.stack(
         [sd.trace_samples(lambda x: x.clamp(min=0)), sd.trace_samples(_xlogx), sd.trace_samples(lambda x: x.clamp(min=0) ** 2)],
         1,

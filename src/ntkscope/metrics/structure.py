@@ -26,8 +26,9 @@ Estimators (one set of probes yields every block at once):
   unavailable, or where R ≪ P (then the block probe space is small and the variance low).
 * ``method="exact"``: the dense Jacobian from min(D, P) passes (small problems, tests).
 
-Errors: delete-one jackknife over probes for every entry (equal to ``std/√m`` for plain means;
-for the pair U-statistics and the ratios it accounts for the shared probes).  Ratios are biased
+Errors: delete-one jackknife over probes for every entry (:mod:`ntkscope.core.jackknife`; equal
+to ``std/√m`` for plain means; for the pair U-statistics and the ratios it accounts for the
+shared probes).  Ratios are biased
 at small m (O(1/m)); ``bias_corrected`` holds the jackknife correction.
 
 References: Hutchinson (1989); Hazelden, arXiv 2511.10796 (one-sided estimators); Novak et al.,
@@ -45,77 +46,18 @@ from typing import Any
 import torch
 
 from .. import estimators as est
+from ..core import jackknife as jk
 from ..core.estimate import Estimate
 from ..core.probes import Probe, ProbeStream, Stream, parse_probe, resolve_seed
 from ..estimators import exact as ex
 from ..operators.base import FactoredKernel
+from .block_estimate import BlockEstimate, RunCost, block_estimate, total_estimate
+from .state_axes import from_blocks, keep_index, resolve_axes, to_blocks
 
-__all__ = ["BlockEstimate", "Structure", "structure", "block_traces", "block_frobenius", "block_effective_rank"]
+__all__ = ["MAX_PAIR_BLOCKS", "Structure", "structure", "block_traces", "block_frobenius", "block_effective_rank"]
 
 #: Largest number of blocks for which the G × G pair statistics are formed.
 MAX_PAIR_BLOCKS = 256
-
-
-@dataclass
-class BlockEstimate:
-    """Estimates of one quantity for every block (or pair of blocks), with error bars and cost.
-
-    Attributes:
-        values: float64 tensor over the block grid: the kept axes' sizes, twice for pair
-            quantities (``(T, T)`` for ``keep="time"``).
-        stderr: same shape; ``None`` for exact values.
-        axes: names of the grid axes (pair quantities repeat them, the second with a ``'``).
-        quantity, method, num_probes, jvp_passes, vjp_passes, seconds: as in :class:`Estimate`
-            (the passes are those of the whole :func:`structure` call that produced it).
-        bias_corrected: jackknife bias-corrected values (ratios), else None.
-    """
-
-    values: torch.Tensor
-    stderr: torch.Tensor | None
-    axes: tuple[str, ...]
-    quantity: str
-    method: str
-    num_probes: int
-    jvp_passes: int
-    vjp_passes: int
-    seconds: float
-    bias_corrected: torch.Tensor | None = None
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.values.shape)
-
-    @property
-    def rel_stderr(self) -> torch.Tensor | None:
-        return None if self.stderr is None else self.stderr / self.values.abs()
-
-    def estimate(self, *index: int) -> Estimate:
-        """One entry as an :class:`Estimate`."""
-        se = None if self.stderr is None else float(self.stderr[index])
-        return Estimate(
-            float(self.values[index]),
-            se,
-            self.jvp_passes,
-            self.vjp_passes,
-            self.num_probes,
-            self.method,
-            self.seconds,
-            f"{self.quantity}{list(index)}",
-            self.stderr is None,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "quantity": self.quantity,
-            "axes": list(self.axes),
-            "values": self.values.tolist(),
-            "stderr": None if self.stderr is None else self.stderr.tolist(),
-            "method": self.method,
-            "num_probes": self.num_probes,
-            "jvp_passes": self.jvp_passes,
-            "vjp_passes": self.vjp_passes,
-            "seconds": self.seconds,
-        }
 
 
 @dataclass
@@ -134,89 +76,12 @@ class Structure:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-# -- axes --------------------------------------------------------------------------------------
-
-
-def _resolve_axes(
-    K: FactoredKernel, axes: Sequence[str] | None, shape: Sequence[int] | None
-) -> tuple[tuple[str, ...], tuple[int, ...]]:
-    shp = tuple(int(s) for s in (shape if shape is not None else getattr(K, "state_shape", (K.dim,))))
-    names = tuple(axes) if axes is not None else tuple(getattr(K, "axes", ()))
-    if not names:
-        raise ValueError("the kernel's state axes have no names: pass axes=(...) (and shape=(...) if needed)")
-    if len(names) != len(shp) or len(set(names)) != len(names):
-        raise ValueError(f"axes {names} must be distinct names, one per state axis of shape {shp}")
-    if math.prod(shp) != K.dim:
-        raise ValueError(f"shape {shp} has {math.prod(shp)} entries but the kernel's state has {K.dim}")
-    return names, shp
-
-
-def _keep_index(names: tuple[str, ...], keep: str | Sequence[str]) -> list[int]:
-    ks = [keep] if isinstance(keep, str) else list(keep)
-    bad = [k for k in ks if k not in names]
-    if bad:
-        raise ValueError(f"unknown axes {bad}; the state axes are {list(names)}")
-    return [names.index(k) for k in ks]
-
-
-def _to_blocks(rows: torch.Tensor, shape: tuple[int, ...], keep_idx: list[int]) -> torch.Tensor:
-    """``(m, D)`` state vectors → ``(m, G, R)``: kept axes first (row-major), the rest after."""
-    m = rows.shape[0]
-    x = rows.reshape(m, *shape)
-    rest = [i for i in range(len(shape)) if i not in keep_idx]
-    x = x.permute(0, *(1 + i for i in keep_idx), *(1 + i for i in rest))
-    G = math.prod(shape[i] for i in keep_idx)
-    return x.reshape(m, G, -1)
-
-
-def _from_blocks(block_rows: torch.Tensor, shape: tuple[int, ...], keep_idx: list[int]) -> torch.Tensor:
-    """Inverse of :func:`_to_blocks` for ``(m, G, R)`` → ``(m, D)``."""
-    m = block_rows.shape[0]
-    rest = [i for i in range(len(shape)) if i not in keep_idx]
-    order = keep_idx + rest
-    x = block_rows.reshape(m, *(shape[i] for i in order))
-    inv = [order.index(i) for i in range(len(shape))]
-    return x.permute(0, *(1 + i for i in inv)).reshape(m, -1)
-
-
-# -- jackknife helpers -------------------------------------------------------------------------
-
-
-def _jack(full: torch.Tensor, loo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Jackknife stderr and bias-corrected value from leave-one-out values ``(m, ...)``."""
-    m = loo.shape[0]
-    if m < 2:
-        return torch.full_like(full, math.inf), full
-    mean = loo.mean(0)
-    se = ((m - 1) / m * (loo - mean).square().sum(0)).sqrt()
-    return se, m * full - (m - 1) * mean
-
-
-def _mean_loo(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean over the leading (probe) axis and the leave-one-out means."""
-    m = x.shape[0]
-    total = x.sum(0)
-    return total / m, (total - x) / (m - 1)
-
-
-def _pair_stats(rowsum: torch.Tensor, colsum: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Full mean and leave-one-out means of an off-diagonal pair average.
-
-    ``rowsum[k] = Σ_{j≠k} H_kj`` and ``colsum[k] = Σ_{i≠k} H_ik`` (leading axis k).  The full
-    mean is ``Σ_{i≠j} H_ij / (m(m−1))``; leaving probe k out drops row k and column k.
-    """
-    total = rowsum.sum(0)
-    full = total / (m * (m - 1))
-    loo = (total - rowsum - colsum) / ((m - 1) * (m - 2)) if m > 2 else torch.full_like(rowsum, math.nan)
-    return full, loo
-
-
 # -- the estimators --------------------------------------------------------------------------------
 
 
 @dataclass
-class _Raw:
-    """Full values and leave-one-out values (``None``: exact) of the block statistics."""
+class _Stats:
+    """Full values and leave-one-out values (``None``: exact) of the block statistics over the state."""
 
     tr: torch.Tensor  # (G,)
     tr_loo: torch.Tensor | None  # (m, G)
@@ -228,34 +93,34 @@ class _Raw:
     cross_loo: torch.Tensor | None
 
 
-def _jvp_raw(B: torch.Tensor, pairs: bool, cross: bool) -> _Raw:
+def _jvp_stats(B: torch.Tensor, pairs: bool, cross: bool) -> _Stats:
     """Statistics from JVP samples ``B`` of shape ``(m, G, R)`` (b_i = J u_i, blocked)."""
     m, G, _ = B.shape
     Bd = B.to(torch.float64)
     S = Bd.square().sum(-1)  # (m, G): ‖b_{g,i}‖²
-    tr_full, tr_loo = _mean_loo(S)
+    tr_full, tr_loo = jk.mean_loo(S)
     # per-block Gram matrices C^g_ij = b_{g,i}·b_{g,j}, diagonal removed (pairs i ≠ j only)
     C = torch.bmm(Bd.transpose(0, 1), Bd.transpose(0, 1).transpose(1, 2))  # (G, m, m)
     C.diagonal(dim1=1, dim2=2).zero_()
     if pairs:
         # r[k, g, h] = Σ_j C^g_kj C^h_kj (symmetric in the probe pair, so rowsum = colsum)
         r = torch.einsum("gkj,hkj->kgh", C, C)
-        fro, fro_loo = _pair_stats(r, r, m)
+        fro, fro_loo = jk.pair_mean_loo_from_sums(r, r)
         ftot_rows = r.sum((1, 2))
     else:
         r = C.square().sum(2).T  # (m, G)
-        fro, fro_loo = _pair_stats(r, r, m)
+        fro, fro_loo = jk.pair_mean_loo_from_sums(r, r)
         Ctot = C.sum(0)
         ftot_rows = Ctot.square().sum(1)
-    fro_total, fro_total_loo = _pair_stats(ftot_rows, ftot_rows, m)
+    fro_total, fro_total_loo = jk.pair_mean_loo_from_sums(ftot_rows, ftot_rows)
     cr = cr_loo = None
     if cross:
         P = torch.einsum("kgr,khr->kgh", Bd, Bd)  # (m, G, G): b_{g,k}·b_{h,k}
-        cr, cr_loo = _mean_loo(P)
-    return _Raw(tr_full, tr_loo, fro, fro_loo, fro_total, fro_total_loo, cr, cr_loo)
+        cr, cr_loo = jk.mean_loo(P)
+    return _Stats(tr_full, tr_loo, fro, fro_loo, fro_total, fro_total_loo, cr, cr_loo)
 
 
-def _vjp_raw(A: torch.Tensor, pairs: bool, cross: bool) -> _Raw:
+def _vjp_stats(A: torch.Tensor, pairs: bool, cross: bool) -> _Stats:
     """Statistics from VJP samples ``A`` of shape ``(G, m, P)`` (a_{g,i} = Jᵀ E_g z_i)."""
     G, m, _ = A.shape
     Ad = A.to(torch.float64)
@@ -270,21 +135,21 @@ def _vjp_raw(A: torch.Tensor, pairs: bool, cross: bool) -> _Raw:
         rowsum[:, g, :] = Qg.sum(2)
         colsum[:, g, :] = Qg.sum(0).T
     S = torch.diagonal(Nd, dim1=1, dim2=2)  # (m, G): ‖a_{g,i}‖²
-    tr_full, tr_loo = _mean_loo(S)
-    fro, fro_loo = _pair_stats(rowsum, colsum, m)
-    fro_total, fro_total_loo = _pair_stats(rowsum.sum((1, 2)), colsum.sum((1, 2)), m)
+    tr_full, tr_loo = jk.mean_loo(S)
+    fro, fro_loo = jk.pair_mean_loo_from_sums(rowsum, colsum)
+    fro_total, fro_total_loo = jk.pair_mean_loo_from_sums(rowsum.sum((1, 2)), colsum.sum((1, 2)))
     if not pairs:
         fro = torch.diagonal(fro)
         fro_loo = torch.diagonal(fro_loo, dim1=1, dim2=2)
     cr = cr_loo = None
     if cross:
-        cr, cr_loo = _mean_loo(Nd)
-    return _Raw(tr_full, tr_loo, fro, fro_loo, fro_total, fro_total_loo, cr, cr_loo)
+        cr, cr_loo = jk.mean_loo(Nd)
+    return _Stats(tr_full, tr_loo, fro, fro_loo, fro_total, fro_total_loo, cr, cr_loo)
 
 
-def _exact_raw(J: torch.Tensor, shape: tuple[int, ...], keep_idx: list[int], pairs: bool, cross: bool) -> _Raw:
+def _exact_stats(J: torch.Tensor, shape: tuple[int, ...], keep_idx: list[int], pairs: bool, cross: bool) -> _Stats:
     """Exact block statistics from the dense Jacobian ``J`` (D × P)."""
-    Jb = _to_blocks(J.T.to(torch.float64), shape, keep_idx).permute(1, 2, 0)  # (G, R, P)
+    Jb = to_blocks(J.T.to(torch.float64), shape, keep_idx).permute(1, 2, 0)  # (G, R, P)
     G, R, P = Jb.shape
     tr = Jb.square().sum((1, 2))
     if R <= P:  # blocks of K directly
@@ -295,7 +160,87 @@ def _exact_raw(J: torch.Tensor, shape: tuple[int, ...], keep_idx: list[int], pai
         fro_pairs = torch.einsum("gpq,hpq->gh", Gg, Gg)
     fro = fro_pairs if pairs else torch.diagonal(fro_pairs)
     cr = torch.einsum("grp,hrp->gh", Jb, Jb) if cross else None
-    return _Raw(tr, None, fro, None, fro_pairs.sum(), None, cr, None)
+    return _Stats(tr, None, fro, None, fro_pairs.sum(), None, cr, None)
+
+
+def _vjp_samples(
+    K: FactoredKernel, kind: Probe, seed: int, m: int, shape: tuple[int, ...], keep_idx: list[int], chunk_size: int | None
+) -> torch.Tensor:
+    """``(G, m, P)`` VJP samples ``a_{g,i} = Jᵀ E_g z_i``: G × m reverse passes."""
+    G = math.prod(shape[i] for i in keep_idx)
+    R = K.dim // G
+    # the same z_i ∈ R^R placed in every block (so that cross traces match positions)
+    z = ProbeStream(R, kind, seed, Stream.MAIN, K.dtype, K.device).columns(0, m).T  # (m, R)
+    outs = []
+    for g in range(G):
+        W = torch.zeros(m, G, R, dtype=K.dtype, device=K.device)
+        W[:, g] = z
+        Wf = from_blocks(W, shape, keep_idx).T.contiguous()  # (D, m)
+        outs.append(est.onesided(K, "vjp", lambda s, e: Wf[:, s:e], m, keep=True, chunk_size=chunk_size))
+    return torch.stack(outs)
+
+
+def _sample(
+    K: FactoredKernel,
+    method: str,
+    kind: Probe,
+    seed: int,
+    m: int,
+    shape: tuple[int, ...],
+    keep_idx: list[int],
+    pairs: bool,
+    cross: bool,
+    chunk_size: int | None,
+) -> _Stats:
+    """The block statistics by ``method``: its probe passes, then the estimators above."""
+    if method == "jvp":
+        stream = ProbeStream(K.num_params, kind, seed, Stream.MAIN, K.dtype, K.device)
+        rows = est.onesided(K, "jvp", stream.columns, m, keep=True, chunk_size=chunk_size)  # (m, D)
+        return _jvp_stats(to_blocks(rows, shape, keep_idx), pairs, cross)
+    if method == "vjp":
+        return _vjp_stats(_vjp_samples(K, kind, seed, m, shape, keep_idx, chunk_size), pairs, cross)
+    return _exact_stats(ex.jacobian(K), shape, keep_idx, pairs, cross)
+
+
+def _assemble(
+    st: _Stats, cost: RunCost, keep: tuple[str, ...], grid: tuple[int, ...], pairs: bool, info: dict[str, Any]
+) -> Structure:
+    """The :class:`Structure` of the statistics: blocks, ratios and whole-kernel totals."""
+    pair_axes = keep + tuple(a + "'" for a in keep)
+    fro_axes, fro_grid = (pair_axes, grid + grid) if pairs else (keep, grid)
+    fro_diag = torch.diagonal(st.fro) if pairs else st.fro
+    fro_diag_loo = None
+    if st.fro_loo is not None:
+        fro_diag_loo = torch.diagonal(st.fro_loo, dim1=1, dim2=2) if pairs else st.fro_loo
+    reff_loo = st.tr_loo.square() / fro_diag_loo if st.tr_loo is not None and fro_diag_loo is not None else None
+    cr = None
+    if st.cross is not None:
+        cr = block_estimate("cross_trace", st.cross, st.cross_loo, pair_axes, cost, shape=grid + grid)
+    keep_info = {"keep": list(keep)}
+    tt = st.tr.sum()
+    tt_loo = st.tr_loo.sum(1) if st.tr_loo is not None else None
+    reff_total_loo = tt_loo**2 / st.fro_total_loo if tt_loo is not None and st.fro_total_loo is not None else None
+    return Structure(
+        keep=keep,
+        grid=grid,
+        trace=block_estimate("trace", st.tr, st.tr_loo, keep, cost, shape=grid),
+        frobenius=block_estimate("frobenius_sq", st.fro, st.fro_loo, fro_axes, cost, shape=fro_grid),
+        effective_rank=block_estimate("effective_rank", st.tr.square() / fro_diag, reff_loo, keep, cost, shape=grid, ratio=True),
+        cross_trace=cr,
+        total_trace=total_estimate("trace", tt, tt_loo, cost, keep_info),
+        total_frobenius_sq=total_estimate("frobenius_norm_sq", st.fro_total, st.fro_total_loo, cost, keep_info),
+        total_effective_rank=total_estimate("effective_rank", tt**2 / st.fro_total, reff_total_loo, cost, keep_info, ratio=True),
+        info=info,
+    )
+
+
+def _check_arguments(K: FactoredKernel, method: str, num_probes: int) -> None:
+    if not isinstance(K, FactoredKernel):
+        raise TypeError(f"structure needs a factored kernel (an ntkscope.NTK), got {type(K).__name__}")
+    if method not in ("jvp", "vjp", "exact"):
+        raise ValueError(f"method must be 'jvp', 'vjp' or 'exact', got {method!r}")
+    if isinstance(num_probes, bool) or not isinstance(num_probes, int) or num_probes < 3:
+        raise ValueError(f"num_probes must be an int >= 3 (pairs of probes estimate the norms), got {num_probes!r}")
 
 
 def structure(
@@ -339,18 +284,12 @@ def structure(
     U-statistics; ratios biased ``O(1/m)`` (see the module docstring for the estimators).
     """
     t0 = time.perf_counter()
-    if not isinstance(K, FactoredKernel):
-        raise TypeError(f"structure needs a factored kernel (an ntkscope.NTK), got {type(K).__name__}")
-    if method not in ("jvp", "vjp", "exact"):
-        raise ValueError(f"method must be 'jvp', 'vjp' or 'exact', got {method!r}")
-    if isinstance(num_probes, bool) or not isinstance(num_probes, int) or num_probes < 3:
-        raise ValueError(f"num_probes must be an int >= 3 (pairs of probes estimate the norms), got {num_probes!r}")
-    names, shp = _resolve_axes(K, axes, shape)
-    kidx = _keep_index(names, keep)
+    _check_arguments(K, method, num_probes)
+    names, shp = resolve_axes(K, axes, shape)
+    kidx = keep_index(names, keep)
     keep_names = tuple(names[i] for i in kidx)
     grid = tuple(shp[i] for i in kidx)
     G = math.prod(grid)
-    R = K.dim // G
     if (pairs or cross) and G > MAX_PAIR_BLOCKS:
         raise ValueError(
             f"{G} blocks: the pair statistics would be a {G}×{G} grid (limit {MAX_PAIR_BLOCKS}); "
@@ -361,82 +300,12 @@ def structure(
         raise ValueError("block norms need independent probes; orthogonal probes are dependent")
     base = resolve_seed(seed)
     before = K.counts()
-    m = num_probes
-    if method == "jvp":
-        stream = ProbeStream(K.num_params, kind, base, Stream.MAIN, K.dtype, K.device)
-        rows = est.onesided(K, "jvp", stream.columns, m, keep=True, chunk_size=chunk_size)  # (m, D)
-        raw = _jvp_raw(_to_blocks(rows, shp, kidx), pairs, cross)
-        del rows
-    elif method == "vjp":
-        # the same z_i ∈ R^R placed in every block (so that cross traces match positions)
-        z = ProbeStream(R, kind, base, Stream.MAIN, K.dtype, K.device).columns(0, m).T  # (m, R)
-        outs = []
-        for g in range(G):
-            W = torch.zeros(m, G, R, dtype=K.dtype, device=K.device)
-            W[:, g] = z
-            Wf = _from_blocks(W, shp, kidx).T.contiguous()  # (D, m)
-            outs.append(est.onesided(K, "vjp", lambda s, e: Wf[:, s:e], m, keep=True, chunk_size=chunk_size))
-        raw = _vjp_raw(torch.stack(outs), pairs, cross)
-    else:
-        raw = _exact_raw(ex.jacobian(K), shp, kidx, pairs, cross)
-        m = 0
+    st = _sample(K, method, kind, base, num_probes, shp, kidx, pairs, cross, chunk_size)
     after = K.counts()
-    jv, vj = after[0] - before[0], after[1] - before[1]
-    secs = time.perf_counter() - t0
-    exact = method == "exact"
-
-    def block(q: str, full: torch.Tensor, loo: torch.Tensor | None, ax: tuple[str, ...], ratio: bool = False) -> BlockEstimate:
-        gshape = tuple(ax_sizes[a.rstrip("'")] for a in ax)
-        se = bc = None
-        if not exact and loo is not None:
-            se, bc = _jack(full, loo)
-            se = se.reshape(gshape)
-            bc = bc.reshape(gshape) if ratio else None
-        return BlockEstimate(full.reshape(gshape), se, ax, q, method, m, jv, vj, secs, bc)
-
-    ax_sizes = dict(zip(names, shp))
-    pair_ax = keep_names + tuple(a + "'" for a in keep_names)
-    tr = block("trace", raw.tr, raw.tr_loo, keep_names)
-    fro = block("frobenius_sq", raw.fro, raw.fro_loo, pair_ax if pairs else keep_names)
-    fro_diag = torch.diagonal(raw.fro) if pairs else raw.fro
-    fro_diag_loo = None
-    if raw.fro_loo is not None:
-        fro_diag_loo = torch.diagonal(raw.fro_loo, dim1=1, dim2=2) if pairs else raw.fro_loo
-    reff_full = raw.tr.square() / fro_diag
-    reff_loo = raw.tr_loo.square() / fro_diag_loo if raw.tr_loo is not None and fro_diag_loo is not None else None
-    reff = block("effective_rank", reff_full, reff_loo, keep_names, ratio=True)
-    cr = block("cross_trace", raw.cross, raw.cross_loo, pair_ax) if raw.cross is not None else None
-
-    def total(q: str, full: torch.Tensor, loo: torch.Tensor | None, ratio: bool = False) -> Estimate:
-        info: dict[str, Any] = {"keep": list(keep_names)}
-        se: float | None = None
-        if not exact and loo is not None:
-            s, b = _jack(full, loo)
-            se = float(s)
-            if ratio:
-                info["bias_corrected"] = float(b)
-        return Estimate(float(full), se, jv, vj, m, method, secs, q, exact, info)
-
-    tt_full = raw.tr.sum()
-    tt_loo = raw.tr_loo.sum(1) if raw.tr_loo is not None else None
-    out = Structure(
-        keep=keep_names,
-        grid=grid,
-        trace=tr,
-        frobenius=fro,
-        effective_rank=reff,
-        cross_trace=cr,
-        total_trace=total("trace", tt_full, tt_loo),
-        total_frobenius_sq=total("frobenius_norm_sq", raw.fro_total, raw.fro_total_loo),
-        total_effective_rank=total(
-            "effective_rank",
-            tt_full**2 / raw.fro_total,
-            tt_loo**2 / raw.fro_total_loo if tt_loo is not None and raw.fro_total_loo is not None else None,
-            ratio=True,
-        ),
-        info={"probes": kind.value, "blocks": G, "block_size": R, "axes": list(names)},
-    )
-    return out
+    m = 0 if method == "exact" else num_probes
+    cost = RunCost(method, m, after[0] - before[0], after[1] - before[1], time.perf_counter() - t0)
+    info = {"probes": kind.value, "blocks": G, "block_size": K.dim // G, "axes": list(names)}
+    return _assemble(st, cost, keep_names, grid, pairs, info)
 
 
 def block_traces(K: FactoredKernel, keep: str | Sequence[str] = "time", **kw: Any) -> BlockEstimate:
