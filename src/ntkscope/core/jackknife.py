@@ -32,20 +32,8 @@ def pair_mean_loo(H: torch.Tensor, independent_diag: bool = False) -> tuple[torc
     ``8‖K²‖_F²/m`` for Gaussian probes.  No extra passes: the m one-sided passes give all
     ``m(m − 1)`` pairs.
     """
-    H = H.to(torch.float64)
     m = H.shape[0]
-    if m < 2:
-        raise ValueError(f"pair statistics (one-sided Frobenius norms and ratios) need num_probes >= 2, got {m}")
-    if independent_diag:
-        total = H.sum()
-        full = total / m**2
-        loo = (total - H.sum(0) - H.sum(1) + H.diagonal()) / (m - 1) ** 2
-        return full, loo
-    Hoff = H - torch.diag_embed(H.diagonal())
-    total = Hoff.sum()
-    full = total / (m * (m - 1))
-    loo = (total - Hoff.sum(0) - Hoff.sum(1)) / ((m - 1) * (m - 2)) if m > 2 else torch.full((m,), float("nan"))
-    return full, loo
+    return pair_mean_loo_rows(lambda s, e: H[s:e], m, independent_diag, block=max(m, 1))
 
 
 def pair_mean_loo_from_sums(rowsum: torch.Tensor, colsum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,8 +170,5 @@ def pair_mean_loo_rows(
     if independent_diag:
         total = row.sum()
         return total / m**2, (total - row - col + diag) / (m - 1) ** 2
-    row, col = row - diag, col - diag
-    total = row.sum()
-    full = total / (m * (m - 1))
-    loo = (total - row - col) / ((m - 1) * (m - 2)) if m > 2 else torch.full((m,), float("nan"))
+    full, loo = pair_mean_loo_from_sums(row - diag, col - diag)
     return full, loo
