@@ -187,3 +187,17 @@ def test_module_capture_and_clear_errors(encoder):
     with pytest.raises(ValueError, match="NaN"):
         transformer_ntk(encoder, torch.full((1, 2, 8), float("nan"), dtype=torch.float64))
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in encoder.modules())
+
+
+def test_planned_chunk_is_the_chunk_that_runs() -> None:
+    """transformer_ntk plans a chunk from memory; the evaluator must push that many probes per
+    vmap batch, not one (setting ``K.chunk_size`` sets every path's batch)."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True).eval()
+    K = transformer_ntk(layer, torch.randn(2, 5, 16))
+    assert K.chunk_size == K.plan["chunk_size"] > 1
+    assert K._evaluator.chunk_size == K._evaluator.ruled_chunk_size == K.chunk_size
+    K.chunk_size = 3
+    assert K._evaluator.chunk_size == 3
+    with pytest.raises(ValueError, match="chunk_size must be an int >= 1"):
+        K.chunk_size = 0

@@ -219,11 +219,23 @@ class NTK(FactoredKernel):
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         generic_chunk = chunk_size or self._default_chunk(self._fn_raw)
         ruled_chunk = None if ruled_fn is None else chunk_size or self._default_chunk(ruled_fn, rules=True)
-        #: probes per vectorised batch (of the rules' paths where rules apply)
-        self.chunk_size = ruled_chunk or generic_chunk
+        self._chunk_size = ruled_chunk or generic_chunk
         flat_ruled = None if ruled_fn is None else (lambda *t: ruled_fn(*t).reshape(-1))
         self._evaluator = Evaluator(self._f, self.primals, flat_ruled, self.dim, generic_chunk, jvp_path, vjp_path, ruled_chunk_size=ruled_chunk)
         self._pass_seconds: dict[str, float] = {}
+
+    @property  # type: ignore[override]
+    def chunk_size(self) -> int:
+        """Probes per vectorised batch (of the rules' paths where rules apply).  Setting it sets
+        the batch of every path, so a planned chunk (``transformer_ntk``) is the one that runs."""
+        return self._chunk_size
+
+    @chunk_size.setter
+    def chunk_size(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"chunk_size must be an int >= 1, got {value!r}")
+        self._chunk_size = value
+        self._evaluator.chunk_size = self._evaluator.ruled_chunk_size = value
 
     def _default_chunk(self, fn: Callable[..., torch.Tensor], rules: bool = False) -> int:
         """Probes per vmap batch so that their working set fits the memory budget.
