@@ -291,7 +291,7 @@ def exact_feasible(K: Any) -> bool:
 def exact_values(K: Any, targets: torch.Tensor | None) -> dict[str, Any]:
     """All four metrics exactly, from one dense Jacobian (``min(D, P)`` AD passes, float64 sums).
 
-    ``tr K = ‖J‖_F²``; ``‖K‖_F² = ‖JᵀJ‖_F²`` or ``‖JJᵀ‖_F²`` (the smaller Gram);
+    ``tr K = ‖J‖_F²``; ``‖K‖_F² = ‖JᵀJ‖_F²`` or ``‖JJᵀ‖_F²`` (the smaller of K and G);
     effective rank ``(tr K)²/‖K‖_F²``; target alignment ``‖Jᵀy‖² / (‖K‖_F ‖y‖²)``.
     """
     from ..estimators import exact as ex
@@ -300,7 +300,7 @@ def exact_values(K: Any, targets: torch.Tensor | None) -> dict[str, Any]:
     t0 = time.perf_counter()
     c0 = K.counts()
     J = ex.jacobian(K).to(torch.float64)
-    G = ex.smaller_gram(J)
+    G = ex.smaller_kernel(J)
     tr = float(J.square().sum())
     fro = float(G.square().sum().sqrt())
     vals: dict[str, float] = {"trace": tr, "frobenius_norm": fro, "effective_rank": tr**2 / fro**2}

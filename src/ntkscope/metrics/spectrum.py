@@ -336,7 +336,7 @@ def entropy_effective_rank(
     if method != "slq":
         raise ValueError(f"unknown method {method!r}; choose 'slq' or 'exact'")
     sd = spectral_density(op, num_probes, steps, seed=seed, probes=probes)
-    from .api import Part, combine
+    from ..core.jackknife import Part, combine
 
     samples = torch.stack(
         [sd.trace_samples(lambda x: x.clamp(min=0)), sd.trace_samples(_xlogx), sd.trace_samples(lambda x: x.clamp(min=0) ** 2)],
