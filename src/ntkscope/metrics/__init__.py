@@ -2,6 +2,10 @@
 them: automatic method choice, tolerance-driven adaptive runs, structure over named axes,
 parameter blocks and the spectrum.
 
+The five metrics share one signature; :mod:`ntkscope.metrics.quantities` explains its
+arguments once, among them the one meaning of ``num_probes`` (probe vectors of the method;
+under ``method="auto"``, a budget of that many one-sided probes, i.e. AD passes per kernel).
+
 Front ends import from this package, never from its modules: the names below are its surface.
 """
 
