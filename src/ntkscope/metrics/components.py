@@ -212,8 +212,10 @@ def _sample_xtrace(ops: Sequence[KernelOperator], names: tuple[str, ...], ctx: R
     """One XTrace run per probe set: ``tr K`` and ``tr K²`` of one kernel share probes and
     products (``K²Ω = K(KΩ)``, so ratios share noise); ``tr(K₁K₂)`` and ``‖K₂‖²`` get their own."""
     orig = list(ops)
-    a, b = (small := _smaller(ops, ctx))[0], small[-1]
+    small = _smaller(ops, ctx)
+    a, b = small[0], small[-1]
     powers = tuple(p for n, p in (("tr", 1), ("sq", 2)) if n in names)
+    own = [n for n in names if n in ("tr", "sq")]
     parts = []
     for n in names:
         if n == "cross":
@@ -224,9 +226,10 @@ def _sample_xtrace(ops: Sequence[KernelOperator], names: tuple[str, ...], ctx: R
             )
         elif n == "sq2":
             parts.append(_xtrace_part(b, ctx, Stream.THIRD, psd=True, powers=(2,), exact=lambda: _exact_values(orig, ["sq2"], None)))
-        elif n == ("tr" if "tr" in names else "sq"):  # K² is PSD; K itself when it is J Jᵀ or JᵀJ
+        elif n == "sq" and "tr" in names:
+            continue  # estimated with tr K, on its probes
+        else:  # tr K and/or tr K²: K² is PSD; K itself when it is J Jᵀ or JᵀJ
             psd = powers != (1,) or isinstance(a, (FactoredKernel, ParameterKernel))
-            own = [c for c in names if c in ("tr", "sq")]
             stream = Stream.MAIN if "tr" in names else Stream.SECOND
             parts.append(_xtrace_part(a, ctx, stream, psd=psd, powers=powers, exact=lambda: _exact_values(orig, own, None)))
     return parts
