@@ -139,7 +139,6 @@ def test_import_ntkscope_loads_no_extras() -> None:
     assert out == [], f"import ntkscope loads the optional {out}"
 
 
-@pytest.mark.xfail(reason="issue 12: rooms being split", strict=True)
 def test_modules_and_functions_stay_small() -> None:
     big = []
     for path in MODULES.values():

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .. import metrics as mt
-from ..estimators.exact import jacobian, smaller_gram
+from ..estimators.exact import jacobian, smaller_kernel
 from ..operators.ntk import NTK
 from .spec import Spec, SpecError
 
@@ -36,13 +36,13 @@ def exact_feasible(K: Any) -> bool:
 def exact_values(K: Any, targets: torch.Tensor | None) -> dict[str, Any]:
     """All four metrics exactly, from one dense Jacobian (``min(D, P)`` AD passes, float64 sums).
 
-    ``tr K = ‖J‖_F²``; ``‖K‖_F² = ‖JᵀJ‖_F²`` or ``‖JJᵀ‖_F²`` (the smaller Gram);
+    ``tr K = ‖J‖_F²``; ``‖K‖_F² = ‖JᵀJ‖_F²`` or ``‖JJᵀ‖_F²`` (the smaller of K and G);
     effective rank ``(tr K)²/‖K‖_F²``; target alignment ``‖Jᵀy‖² / (‖K‖_F ‖y‖²)``.
     """
     t0 = time.perf_counter()
     c0 = K.counts()
     J = jacobian(K).to(torch.float64)
-    G = smaller_gram(J)
+    G = smaller_kernel(J)
     tr = float(J.square().sum())
     fro = float(G.square().sum().sqrt())
     vals: dict[str, float] = {"trace": tr, "frobenius_norm": fro, "effective_rank": tr**2 / fro**2}

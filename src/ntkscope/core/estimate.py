@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from statistics import NormalDist
 from typing import Any
+
+from scipy.stats import t
 
 #: Quantities that are positive for any nonzero kernel: their intervals are taken on the log scale.
 POSITIVE = frozenset({"trace", "frobenius_norm", "frobenius_norm_sq", "effective_rank"})
@@ -67,12 +70,8 @@ class Estimate:
             return (self.value, self.value)
         dof = self.info.get("dof")
         if isinstance(dof, int) and dof >= 1:
-            from scipy.stats import t
-
             q = float(t.ppf(0.5 + level / 2, dof))
         else:
-            from statistics import NormalDist
-
             q = NormalDist().inv_cdf(0.5 + level / 2)
         if self.quantity in POSITIVE and self.value > 0 and math.isfinite(self.stderr):
             r = q * self.stderr / self.value

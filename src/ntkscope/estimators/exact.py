@@ -16,7 +16,7 @@ from ..operators.base import FactoredKernel, KernelOperator
 
 _T = TypeVar("_T")
 
-__all__ = ["jacobian", "kernel", "exact_trace", "exact_frobenius_sq", "exact_inner", "exact_quadratic"]
+__all__ = ["jacobian", "kernel", "smaller_kernel", "exact_trace", "exact_frobenius_sq", "exact_inner", "exact_quadratic"]
 
 
 def _basis_chunks(n: int, chunk: int, dtype: torch.dtype, device: torch.device):  # type: ignore[no-untyped-def]
@@ -100,22 +100,23 @@ def exact_trace(op: KernelOperator) -> float:
     return float(total)
 
 
-def smaller_gram(J: torch.Tensor) -> torch.Tensor:
-    """``J Jᵀ`` or ``Jᵀ J``, whichever is smaller: the same nonzero spectrum as K."""
+def smaller_kernel(J: torch.Tensor) -> torch.Tensor:
+    """The smaller kernel of a dense Jacobian: ``K = J Jᵀ`` (D ≤ P) or ``G = JᵀJ`` (P < D), the
+    same nonzero spectrum as K (the dense twin of :func:`ntkscope.operators.base.smaller_kernel`)."""
     return J @ J.T if J.shape[0] <= J.shape[1] else J.T @ J
 
 
-def _small_gram(op: KernelOperator) -> torch.Tensor:
-    """K (D ≤ P) or G = JᵀJ (P < D): same nonzero spectrum, smaller matrix, in float64."""
+def _dense_smaller_kernel(op: KernelOperator) -> torch.Tensor:
+    """The smaller of K and G in float64 (K itself for an operator without a factor)."""
     if isinstance(op, FactoredKernel):
         J = jacobian(op).double()
-        return smaller_gram(J)
+        return smaller_kernel(J)
     return kernel(op).double()
 
 
 def exact_frobenius_sq(op: KernelOperator) -> float:
     """``‖K‖_F² = tr K²``."""
-    return float(_small_gram(op).square().sum())
+    return float(_dense_smaller_kernel(op).square().sum())
 
 
 def exact_inner(op1: KernelOperator, op2: KernelOperator) -> float:
@@ -140,5 +141,5 @@ def exact_quadratic(op: KernelOperator, y: torch.Tensor) -> float:
 
 
 def eigenvalues(op: KernelOperator) -> torch.Tensor:
-    """All nonzero-spectrum eigenvalues of K, descending (from the smaller Gram matrix)."""
-    return torch.linalg.eigvalsh(_small_gram(op)).flip(0)
+    """All nonzero-spectrum eigenvalues of K, descending (from the smaller of K and G)."""
+    return torch.linalg.eigvalsh(_dense_smaller_kernel(op)).flip(0)

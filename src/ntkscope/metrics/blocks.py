@@ -55,7 +55,6 @@ from ..core.estimate import Estimate
 from ..core.probes import Probe, ProbeStream, Stream, parse_probe, resolve_seed
 from ..estimators import exact as ex
 from ..operators.base import FactoredKernel
-from ..operators.ntk import NTK
 from . import adaptive as adapt
 from .block_estimate import BlockEstimate, RunCost, block_estimate, total_estimate
 from .block_operators import BlockKernels, PassCounter
@@ -236,11 +235,11 @@ def _choose_method(K: FactoredKernel, num_kernels: int, m: int, G: int, block_ke
         return "vjp", "forward-mode AD is unavailable for this model"
     if not modes["vjp"]:
         return "jvp", "reverse-mode AD is unavailable for this model"
-    if not isinstance(K, NTK):
+    if not K.times_passes:
         return "vjp", "one VJP per probe serves every block"
     ops, _ = block_kernels.ops()
-    t_v = K.pass_seconds("vjp")
-    t_j = sum(o.pass_seconds("jvp") if isinstance(o, NTK) else K.pass_seconds("jvp") for o in ops)
+    t_v = float(K.pass_seconds("vjp") or 0.0)
+    t_j = sum(float((o if o.times_passes else K).pass_seconds("jvp") or 0.0) for o in ops)
     reason = f"measured cost per probe: one VJP {t_v * 1e3:.3g} ms (all {G} blocks) vs {G} block JVPs {t_j * 1e3:.3g} ms"
     return ("jvp" if t_j < t_v else "vjp"), reason
 

@@ -1,7 +1,7 @@
 """How to multiply by J, Jᵀ and K = J Jᵀ: the operator base classes, the NTK of a PyTorch model,
 the evaluators that push blocks of probes through it, and the per-module batched-probe rules."""
 
-from .base import CallableOperator, DenseOperator, FactoredKernel, GramOperator, KernelOperator, as_operator, smaller_kernel
+from .base import CallableOperator, DenseOperator, FactoredKernel, KernelOperator, ParameterKernel, as_operator, smaller_kernel
 from .ntk import NTK
 
 __all__ = [
@@ -11,6 +11,6 @@ __all__ = [
     "DenseOperator",
     "CallableOperator",
     "as_operator",
-    "GramOperator",
+    "ParameterKernel",
     "smaller_kernel",
 ]

@@ -5,7 +5,9 @@
 * :class:`FactoredKernel` adds the factor: ``jvp`` (J·, P→D) and ``vjp`` (Jᵀ·, D→P), which the
   one-sided estimators need.  :class:`~ntkscope.NTK` (:mod:`ntkscope.operators.ntk`) is the
   factored kernel of a PyTorch model.
-* :class:`GramOperator` is ``G = JᵀJ``, the parameter-space twin of K (same nonzero spectrum).
+* :class:`ParameterKernel` is ``G = JᵀJ``, the parameter-space kernel (same nonzero spectrum
+  as K); :func:`smaller_kernel` picks the smaller of K and G.  ("Gram" is kept for the probe
+  Grams, the m × m matrices of probe products the estimators average.)
 * :func:`as_operator` adapts a dense tensor, a ``scipy.sparse.linalg.LinearOperator`` or a
   callable to :class:`KernelOperator` so the two-sided estimators accept any of them.
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -65,6 +68,11 @@ class KernelOperator:
     def __matmul__(self, V: torch.Tensor) -> torch.Tensor:
         return self.matmat(V)
 
+    @property
+    def paths(self) -> dict[str, str | None] | None:
+        """The evaluation path each AD mode took, for kernels that choose one (None otherwise)."""
+        return None
+
     def describe(self) -> str:
         return f"{type(self).__name__}(dim={self.dim}, dtype={self.dtype})"
 
@@ -111,6 +119,13 @@ class FactoredKernel(KernelOperator):
         """Which AD modes work (``{"jvp": bool, "vjp": bool}``)."""
         return {"jvp": True, "vjp": True}
 
+    #: Whether :meth:`pass_seconds` times passes (spending a few, once per AD mode).
+    times_passes: bool = False
+
+    def pass_seconds(self, mode: str, probes: int = 4) -> float | None:
+        """Measured seconds per AD pass in ``mode`` (None: this kernel does not time its passes)."""
+        return None
+
     def same_inputs(self, other: FactoredKernel) -> bool | None:
         """Whether two kernels are over the same inputs (None: cannot tell)."""
         return None
@@ -127,13 +142,13 @@ def _as_block(V: torch.Tensor, dim: int, what: str) -> tuple[torch.Tensor, bool]
     return V, vec
 
 
-class GramOperator(KernelOperator):
-    """``G = JᵀJ`` (``P × P``) of a factored kernel ``K = J Jᵀ`` (``D × D``).
+class ParameterKernel(KernelOperator):
+    """The parameter-space kernel ``G = JᵀJ`` (``P × P``) of a factored kernel ``K = J Jᵀ`` (``D × D``).
 
     G and K share their nonzero eigenvalues, hence trace, Frobenius norm, effective rank and
     spectrum; a G-product costs the same JVP + VJP as a K-product.  Two-sided estimators run on
-    the smaller of the two, so their probe-space algebra (QR, projections, Gram rows) scales
-    with ``min(D, P)`` — for a recurrent hidden state, D ≫ P.
+    the smaller of the two (:func:`smaller_kernel`), so their probe-space algebra (QR,
+    projections, probe Gram rows) scales with ``min(D, P)`` — for a recurrent hidden state, D ≫ P.
     """
 
     def __init__(self, factor: FactoredKernel) -> None:
@@ -147,9 +162,10 @@ class GramOperator(KernelOperator):
 
 
 def smaller_kernel(op: KernelOperator) -> KernelOperator:
-    """``G = JᵀJ`` when a factored kernel has fewer parameters than state entries, else ``op``."""
+    """The smaller of K and G: :class:`ParameterKernel` ``G = JᵀJ`` when a factored kernel has
+    fewer parameters than state entries, else ``op``."""
     if isinstance(op, FactoredKernel) and op.num_params < op.dim:
-        return GramOperator(op)
+        return ParameterKernel(op)
     return op
 
 
@@ -199,8 +215,6 @@ class CallableOperator(KernelOperator):
 
 class _ScipyOperator(CallableOperator):
     def __init__(self, op: Any) -> None:
-        import numpy as np
-
         n, n2 = op.shape
         if n != n2:
             raise ValueError(f"a kernel must be square, got shape {op.shape}")

@@ -299,6 +299,8 @@ class NTK(FactoredKernel):
             out[mode] = mode not in self._broken
         return out
 
+    times_passes = True
+
     def pass_seconds(self, mode: str, probes: int = 4) -> float:
         """Measured seconds per AD pass in ``mode`` (cached; costs ``probes`` passes once)."""
         if mode not in self._pass_seconds:

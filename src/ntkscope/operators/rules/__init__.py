@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .core import BatchedOp, RuleUnsupported, measure_probe_numel
 from .dense import LINEAR
@@ -200,8 +201,6 @@ def math_attention() -> Iterator[None]:
     or a double backward.  This switches the MHA fast path off and selects the MATH SDPA backend
     (the same function), and restores the user's settings afterwards.
     """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     fast = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:

@@ -1,0 +1,328 @@
+"""Two tables: what each method estimates from its probes, and what each quantity computes from that.
+
+Every metric is a smooth function of a few **components**, traces of kernel products:
+
+* ``tr``: ``tr K`` (trace, effective rank);
+* ``sq``: ``‖K‖_F² = tr K²`` (Frobenius norm, effective rank, both alignments);
+* ``cross``: ``⟨K₁, K₂⟩_F = tr(K₁K₂)`` and ``sq2``: ``‖K₂‖_F²`` (alignment);
+* ``quad``: ``yᵀKy`` (target alignment).
+
+A **method** is one entry of :data:`SAMPLERS`: the components it estimates and a function from
+the kernel(s) and its probes to :class:`~ntkscope.core.jackknife.Part` objects — the
+*integrand × probes × combine* split (as in matfree): what is averaged (a probe Gram entry
+``vᵀKv``, ``‖Kv‖²``, a one-sided U-statistic), over which probe stream
+(:class:`~ntkscope.core.probes.Stream`), and how per-probe values become a mean with
+leave-one-out replicates.  A **quantity** is one entry of :data:`QUANTITIES`: the components it
+needs and the formula over them, e.g. effective rank ``c₀²/c₁``.
+:func:`~ntkscope.core.jackknife.combine` turns the parts and the formula into a value, an error
+bar and a bias correction.  Adding a method is adding one sampler; adding a quantity, one entry.
+
+``quad`` costs a single VJP (``‖Jᵀy‖²``), so a method that does not estimate it from its own
+probes gets it exactly.  Single-kernel quantities run the two-sided methods on the smaller of
+K and ``G = JᵀJ`` (:func:`~ntkscope.operators.base.smaller_kernel`): same trace, norm and
+spectrum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+
+from .. import estimators as est
+from ..core import jackknife as jk
+from ..core.jackknife import Part
+from ..core.probes import Probe, ProbeStream, Stream
+from ..estimators import exact as ex
+from ..operators.base import FactoredKernel, KernelOperator, ParameterKernel, smaller_kernel
+from .methods import Method
+
+__all__ = ["RunContext", "Sampler", "SAMPLERS", "Quantity", "QUANTITIES", "target_alignment_quantity", "measure"]
+
+
+@dataclass
+class RunContext:
+    """One run of a sampler: the method, its ``m`` probes and their settings, the targets of a
+    target alignment, and the ``info`` dict the run reports into."""
+
+    method: Method
+    m: int
+    seed: int
+    probes: Probe | None
+    chunk: int | None
+    info: dict[str, Any]
+    targets: torch.Tensor | None = None
+
+    def stream(
+        self, dim: int, dtype: torch.dtype, device: torch.device, stream: int = Stream.MAIN, default: Probe = Probe.RADEMACHER
+    ) -> ProbeStream:
+        return ProbeStream(dim, self.probes or default, self.seed, stream, dtype, device)
+
+
+#: ``sample(kernels, components, ctx)``: one Part per probe set, components in the order asked.
+SampleFn = Callable[[Sequence[KernelOperator], tuple[str, ...], RunContext], list[Part]]
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A method's entry: the components it estimates from its probes, and how."""
+
+    produces: frozenset[str]
+    sample: SampleFn
+
+
+@dataclass(frozen=True)
+class Quantity:
+    """A metric as a formula over components (``x[..., i]`` is the i-th of ``components``)."""
+
+    name: str
+    components: tuple[str, ...]
+    formula: Callable[[torch.Tensor], torch.Tensor]
+    #: (component index, what it is): components that must not vanish for the formula
+    nonzero: tuple[tuple[int, str], ...] = ()
+
+    @property
+    def trace_only(self) -> bool:
+        """The trace alone: no stored one-sided products, no stored J for the exact value."""
+        return self.components == ("tr",)
+
+
+QUANTITIES = {
+    q.name: q
+    for q in (
+        Quantity("trace", ("tr",), lambda x: x[..., 0]),
+        Quantity("frobenius_norm", ("sq",), lambda x: torch.sqrt(x[..., 0].clamp(min=0))),
+        Quantity("frobenius_norm_sq", ("sq",), lambda x: x[..., 0]),
+        Quantity("effective_rank", ("tr", "sq"), lambda x: x[..., 0] ** 2 / x[..., 1], ((1, "the Frobenius norm estimate"),)),
+        Quantity(
+            "alignment",
+            ("cross", "sq", "sq2"),
+            lambda x: x[..., 0] / torch.sqrt(x[..., 1] * x[..., 2]),
+            ((1, "the Frobenius norm of K1"), (2, "the Frobenius norm of K2")),
+        ),
+    )
+}
+
+
+def target_alignment_quantity(ynorm2: float) -> Quantity:
+    """``yᵀKy / (‖K‖_F ‖y‖²)`` for targets of squared norm ``ynorm2``."""
+    return Quantity(
+        "target_alignment", ("quad", "sq"), lambda x: x[..., 0] / (torch.sqrt(x[..., 1]) * ynorm2), ((1, "the Frobenius norm estimate"),)
+    )
+
+
+# -- exact ----------------------------------------------------------------------------------------
+
+
+def _exact_values(ops: Sequence[KernelOperator], names: Sequence[str], y: torch.Tensor | None) -> list[float]:
+    a, b = ops[0], ops[-1]
+    value: dict[str, Callable[[], float]] = {
+        "tr": lambda: ex.exact_trace(a),
+        "sq": lambda: ex.exact_frobenius_sq(a),
+        "cross": lambda: ex.exact_inner(a, b),
+        "sq2": lambda: ex.exact_frobenius_sq(b),
+        "quad": lambda: ex.exact_quadratic(a, y),  # type: ignore[arg-type]
+    }
+    return [value[n]() for n in names]
+
+
+def _sample_exact(ops: Sequence[KernelOperator], names: tuple[str, ...], ctx: RunContext) -> list[Part]:
+    return [Part.exact(*_exact_values(ops, names, ctx.targets))]
+
+
+# -- two-sided: Hutchinson, Hutch++, XTrace --------------------------------------------------------
+
+
+def _smaller(ops: Sequence[KernelOperator], ctx: RunContext) -> list[KernelOperator]:
+    """One kernel: the smaller of K and G = JᵀJ (same trace, norm and spectrum).  Two: as given."""
+    if len(ops) != 1:
+        return list(ops)
+    small = smaller_kernel(ops[0])
+    if isinstance(small, ParameterKernel):
+        ctx.info["kernel_side"] = f"G = JᵀJ ({small.dim}×{small.dim}, smaller than K)"
+    return [small]
+
+
+#: Entries of the probe Gram of ``[v, K₁v, K₂v]`` whose means are the components.
+_GRAM_ENTRY = {"tr": (0, 1), "sq": (1, 1), "cross": (1, 2), "sq2": (2, 2)}
+
+
+def _entries(g: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
+    """The components' columns ``g[:, i, j]`` of per-probe Grams ``g``, stacked."""
+    if names == ("tr",):  # a view, not a stacked copy: their sums round differently, and traces stay bit-for-bit
+        return g[:, 0, 1]
+    return torch.stack([g[:, i, j] for i, j in (_GRAM_ENTRY[n] for n in names)], 1)
+
+
+def _sample_hutchinson(ops: Sequence[KernelOperator], names: tuple[str, ...], ctx: RunContext) -> list[Part]:
+    ops = _smaller(ops, ctx)
+    a = ops[0]
+    g = est.hutchinson_grams(ops, ctx.stream(a.dim, a.dtype, a.device), ctx.m, ctx.chunk)
+    return [Part.means(_entries(g, names))]
+
+
+def _sample_hutchpp(ops: Sequence[KernelOperator], names: tuple[str, ...], ctx: RunContext) -> list[Part]:
+    ops = _smaller(ops, ctx)
+    a = ops[0]
+    r = est.hutchpp_grams(ops, ctx.stream(a.dim, a.dtype, a.device), ctx.m, ctx.chunk)
+    ctx.info["sketch_size"] = r.sketch_size
+    return [Part.means(_entries(r.residual, names), _entries(r.exact[None], names)[0])]
+
+
+def _xtrace_part(
+    op: KernelOperator,
+    ctx: RunContext,
+    stream_id: int,
+    *,
+    psd: bool,
+    exact: Callable[[], Sequence[float]],
+    powers: Sequence[int] = (1,),
+    matmat: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Part:
+    """XNysTrace of ``tr op^p`` for each p in ``powers`` on shared probes (``psd``), or XTrace of
+    ``tr(matmat)`` (any square operator; ``matmat`` applies two operators), with a grouped
+    jackknife over test vectors; the exact value once the budget covers its cost.
+
+    XTrace's own error estimate (the spread of its exchangeable samples) under-covers badly
+    (0.2–0.6 near the dimension); the jackknife of the whole estimator is what is reported.
+    """
+    per = 2 if isinstance(op, (FactoredKernel, ParameterKernel)) else 1  # AD passes per product
+    order = 2 if matmat is not None else max(powers)
+    cost = per * ctx.m * order
+    if cost >= op.dim:  # exact costs op.dim = min(D, P) one-sided passes (or dim products)
+        unit = "AD passes" if per == 2 else "products"
+        ctx.info.setdefault("variants", []).append(f"exact (the budget, {cost} {unit}, covers the exact cost of {op.dim})")
+        return Part.exact(*exact())
+    stream = ctx.stream(op.dim, op.dtype, op.device, stream_id, default=Probe.SPHERE)
+    chunk = ctx.chunk or op.chunk_size
+    if psd and matmat is None:
+        ctx.info.setdefault("variants", []).append("xnystrace")
+        full, reps = est.xnystrace_jackknife(op.matmat, stream, ctx.m, op.dtype, chunk, powers)
+    else:
+        ctx.info.setdefault("variants", []).append("xtrace")
+        full, reps = est.xtrace_jackknife(matmat or op.matmat, stream, ctx.m, op.dtype, chunk)
+    ctx.info["jackknife_groups"] = int(reps.shape[0])
+    return Part(full.to(torch.float64), reps.to(torch.float64))
+
+
+def _sample_xtrace(ops: Sequence[KernelOperator], names: tuple[str, ...], ctx: RunContext) -> list[Part]:
+    """One XTrace run per probe set: ``tr K`` and ``tr K²`` of one kernel share probes and
+    products (``K²Ω = K(KΩ)``, so ratios share noise); ``tr(K₁K₂)`` and ``‖K₂‖²`` get their own."""
+    orig = list(ops)
+    small = _smaller(ops, ctx)
+    a, b = small[0], small[-1]
+    powers = tuple(p for n, p in (("tr", 1), ("sq", 2)) if n in names)
+    own = [n for n in names if n in ("tr", "sq")]
+    parts = []
+    for n in names:
+        if n == "cross":
+            parts.append(
+                _xtrace_part(
+                    a, ctx, Stream.MAIN, psd=False, matmat=lambda V: a.matmat(b.matmat(V)), exact=lambda: _exact_values(orig, ["cross"], None)
+                )
+            )
+        elif n == "sq2":
+            parts.append(_xtrace_part(b, ctx, Stream.THIRD, psd=True, powers=(2,), exact=lambda: _exact_values(orig, ["sq2"], None)))
+        elif n == "sq" and "tr" in names:
+            continue  # estimated with tr K, on its probes
+        else:  # tr K and/or tr K²: K² is PSD; K itself when it is J Jᵀ or JᵀJ
+            psd = powers != (1,) or isinstance(a, (FactoredKernel, ParameterKernel))
+            stream = Stream.MAIN if "tr" in names else Stream.SECOND
+            parts.append(_xtrace_part(a, ctx, stream, psd=psd, powers=powers, exact=lambda: _exact_values(orig, own, None)))
+    return parts
+
+
+# -- one-sided: VJP, JVP and their projected variants ----------------------------------------------
+
+
+def _onesided_vectors(op: KernelOperator, side: str, ctx: RunContext, stream_id: int = Stream.MAIN) -> torch.Tensor:
+    """The m one-sided products (``Jᵀw_i`` or ``Ju_i``) as rows, in float64."""
+    assert isinstance(op, FactoredKernel)
+    if ctx.probes is Probe.ORTHOGONAL:
+        raise ValueError("one-sided norms and ratios need independent probes; orthogonal probes are dependent")
+    stream = ctx.stream(est.probe_dim(op, side), op.dtype, op.device, stream_id)
+    return est.onesided(op, side, stream.columns, ctx.m, keep=True, chunk_size=ctx.chunk).to(torch.float64)
+
+
+def _gram(A: torch.Tensor, B: torch.Tensor | None = None) -> torch.Tensor:
+    """The probe Gram ``A Bᵀ`` (``A Aᵀ``) of one-sided products, on the CPU."""
+    return (A @ (A if B is None else B).T).cpu()
+
+
+def _sample_onesided(ops: Sequence[KernelOperator], names: tuple[str, ...], ctx: RunContext, *, side: str) -> list[Part]:
+    """``tr K = E‖Jᵀw‖²`` (or ``E‖Ju‖²``); norms and inner products as U-statistics over the
+    probe Gram of the same products (Hazelden 2025).  VJP probes of two kernels are shared (both
+    live in R^D); JVP probes are independent (``Ju``, ``J₂v`` with P₁ ≠ P₂ allowed)."""
+    a = ops[0]
+    assert isinstance(a, FactoredKernel)
+    if names == ("tr",):  # the trace alone keeps no products
+        stream = ctx.stream(est.probe_dim(a, side), a.dtype, a.device)
+        return [Part.means(est.onesided(a, side, stream.columns, ctx.m, keep=False, chunk_size=ctx.chunk))]
+    A = _onesided_vectors(a, side, ctx)
+    B = _onesided_vectors(ops[1], side, ctx, Stream.SECOND if side == "jvp" else Stream.MAIN) if len(ops) > 1 else A
+    G1 = _gram(A)
+    G2 = _gram(B) if len(ops) > 1 else G1
+    stat: dict[str, Callable[[], tuple[torch.Tensor, torch.Tensor]]] = {
+        "tr": lambda: jk.mean_loo(G1.diagonal()),
+        "sq": lambda: jk.pair_mean_loo(G1**2),
+        "sq2": lambda: jk.pair_mean_loo(G2**2),
+        "cross": (
+            (lambda: jk.pair_mean_loo(_gram(A, B) ** 2, independent_diag=True))  # E ((J₁u)·(J₂v))² = tr(K₁K₂)
+            if side == "jvp"
+            else (lambda: jk.pair_mean_loo(G1 * G2))
+        ),
+        "quad": lambda: jk.mean_loo((A @ ctx.targets.double()).square().cpu()),  # type: ignore[union-attr]  # E (yᵀJu)² = yᵀKy
+    }
+    return [Part.stack(*(stat[n]() for n in names))]
+
+
+def _sample_projected(ops: Sequence[KernelOperator], names: tuple[str, ...], ctx: RunContext, *, side: str) -> list[Part]:
+    """The one-sided trace with a random projected block of ``m // 6`` directions handled exactly."""
+    a = ops[0]
+    assert isinstance(a, FactoredKernel)
+    stream = ctx.stream(est.probe_dim(a, side), a.dtype, a.device)
+    exact_part, resid, q = est.onesided_projected_trace(a, side, stream, ctx.m, ctx.chunk)
+    ctx.info["projected_block"] = q
+    return [Part.means(resid, exact_part)]
+
+
+_ALL = frozenset({"tr", "sq", "cross", "sq2"})
+
+#: What each method estimates from its probes (``quad`` is exact where it is not listed).
+SAMPLERS: dict[Method, Sampler] = {
+    Method.EXACT: Sampler(_ALL | {"quad"}, _sample_exact),
+    Method.HUTCHINSON: Sampler(_ALL, _sample_hutchinson),
+    Method.HUTCHPP: Sampler(_ALL, _sample_hutchpp),
+    Method.XTRACE: Sampler(_ALL, _sample_xtrace),
+    Method.VJP: Sampler(_ALL, partial(_sample_onesided, side="vjp")),
+    Method.JVP: Sampler(_ALL | {"quad"}, partial(_sample_onesided, side="jvp")),  # no reverse pass at all
+    Method.VJP_PROJ: Sampler(frozenset({"tr"}), partial(_sample_projected, side="vjp")),
+    Method.JVP_PROJ: Sampler(frozenset({"tr"}), partial(_sample_projected, side="jvp")),
+}
+
+#: Components that cost a single pass exactly.
+_CHEAP_EXACT = frozenset({"quad"})
+
+
+def measure(quantity: Quantity, ops: Sequence[KernelOperator], ctx: RunContext) -> list[Part]:
+    """The Parts of ``quantity``'s components by ``ctx.method`` (exact ones first)."""
+    sampler = SAMPLERS[ctx.method]
+    exact_first = tuple(c for c in quantity.components if c in _CHEAP_EXACT and c not in sampler.produces)
+    sampled = tuple(c for c in quantity.components if c not in exact_first)
+    if any(c not in sampler.produces for c in sampled):
+        only = "the trace" if sampler.produces == {"tr"} else ", ".join(sorted(sampler.produces))
+        what = "alignment" if "cross" in sampled else "norms and ratios"
+        raise ValueError(f"method {ctx.method.value!r} estimates only {only}; use 'vjp' or 'jvp' for {what}")
+    assert exact_first + sampled == quantity.components, "exactly computed components come first"
+    parts = [Part.exact(*_exact_values(ops, exact_first, ctx.targets))] if exact_first else []
+    parts += sampler.sample(ops, sampled, ctx)
+    full = torch.cat([p.full for p in parts])
+    for i, what in quantity.nonzero:
+        if float(full[i]) <= 0:
+            raise ValueError(
+                f"{what} is zero: the kernel vanishes (e.g. zero parameters or a constant state), so the ratio is undefined"
+            )
+    return parts
