@@ -32,7 +32,7 @@ Error bars: a delete-one jackknife over probes for every quantity (for a plain m
 unbiased).  The jackknife is consistent for these smooth functions of means and of order-2
 U-statistics (Arvesen 1969); ``Estimate.ci()`` gives the normal interval.  Measured coverage of
 the 95 % interval over 200 seeds at 120 probes lies in 0.90–0.99 for the norm, effective rank
-and both alignments with the one-sided methods, Hutchinson and Hutch++ (tests/test_coverage.py,
+and both alignments with the one-sided methods, Hutchinson and Hutch++ (tests/metrics/test_coverage.py,
 benchmarks/adaptive_coverage.py).  XTrace's error bar is its own exchangeable-sample estimate,
 which under-covers (its samples are strongly dependent): read it as an indicator, not a CI.
 

@@ -13,7 +13,7 @@ import pytest
 
 from ntkscope.monitor import DEFAULT_METRICS, read_rows
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def _example(name: str) -> ModuleType:

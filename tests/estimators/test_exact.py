@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import models as Z
+import model_zoo as Z
 import ntkscope as nk
 from ntkscope.estimators import exact as ex
 from ntkscope.operators.evaluators import JVP_PATHS as _JVP_PATHS

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-import models
+import model_zoo as models
 import ntkscope as nk
 from ntkscope import tasks
 from ntkscope.metrics.param_groups import resolve_groups

@@ -12,7 +12,7 @@ import scipy.sparse.linalg as sla
 import torch
 from torch import nn
 
-import models as Z
+import model_zoo as Z
 import ntkscope as nk
 from ntkscope.estimators import exact as ex
 

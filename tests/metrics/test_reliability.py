@@ -22,7 +22,7 @@ from ntkscope.cli import plot
 from ntkscope.estimators import exact as ex
 from ntkscope.tasks import jacobian_with_spectrum
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
 def _tiny(dtype: torch.dtype = torch.float64) -> nk.NTK:
@@ -128,7 +128,7 @@ def test_cli_keeps_the_model_dtype(factories: Path, tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr  # the explicit override still casts
 
 
-# 2 (coverage near D: tests/test_coverage.py::test_trace_interval_coverage_across_budgets) ------
+# 2 (coverage near D: tests/metrics/test_coverage.py::test_trace_interval_coverage_across_budgets) ------
 def test_xtrace_is_exact_once_its_budget_covers_the_exact_cost() -> None:
     K = _tiny()
     e = nk.trace(K, method="xtrace", num_probes=17, seed=0)  # 34 passes ≥ 18: exact costs less
@@ -312,7 +312,7 @@ def test_effective_rank_xtrace_shares_its_probes() -> None:
 
 # 15 (README LSTM line) ------------------------------------------------------------------------------
 def test_readme_lstm_line_shows_the_paths_that_ran() -> None:
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     line = next(ln for ln in readme.splitlines() if "LSTM(10, 16)" in ln)
     torch.manual_seed(0)
     x = torch.randn(30, 8, 10)

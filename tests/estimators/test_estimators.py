@@ -18,7 +18,7 @@ from functools import cache
 import pytest
 import torch
 
-import models as Z
+import model_zoo as Z
 import ntkscope as nk
 from ntkscope import estimators as est
 from ntkscope.core import jackknife as jk
@@ -34,7 +34,7 @@ DTYPES = [torch.float64, torch.float32]
 
 @cache
 def _jac(name: str, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
-    """The zoo model's exact Jacobian (through the NTK's own exact path, checked in test_core_exact)."""
+    """The zoo model's exact Jacobian (through the NTK's own exact path, checked in estimators/test_exact.py)."""
     case = Z.FACTORIES[name](dtype)
     if scale != 1.0:
         params = {n: p.detach() * scale for n, p in case.params.items()}

@@ -1,0 +1,52 @@
+"""``method="auto"``: a pilot picks the method and the side, inside the pass budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ntkscope as nk
+from ntkscope.estimators import exact as ex
+from ntkscope.tasks import jacobian_with_spectrum
+
+
+def test_auto_picks_hutchpp_for_low_rank_and_reuses_pilot() -> None:
+    K = nk.NTK.from_jacobian(jacobian_with_spectrum(200, 300, torch.tensor([5.0, 3.0, 2.0, 1.0, 0.5], dtype=torch.float64)))
+    e = nk.trace(K, method="auto", num_probes=60, seed=0)
+    assert e.method == "hutchpp"
+    assert "spans" in e.info["reason"]
+    assert e.info["pilot_passes"] == 12  # ℓ = 60 // 10 columns, a VJP and a JVP each
+    assert e.passes == 60  # auto reads num_probes as an AD-pass budget, pilot included: 24 K-matvecs after 12 pilot passes
+    assert e.value == pytest.approx(ex.exact_trace(K), rel=1e-9)
+
+
+def test_auto_stays_one_sided_for_a_flat_spectrum() -> None:
+    K = nk.NTK.from_jacobian(jacobian_with_spectrum(200, 300, torch.ones(200, dtype=torch.float64)))
+    e = nk.trace(K, method="auto", num_probes=60, seed=0)
+    assert e.method == "vjp"  # D < P
+    assert "flat" in e.info["reason"] and e.info["pilot_passes"] == 12
+    assert e.passes == 60  # the budget, pilot included (its 6 VJPs are the one-sided method's first 6 probes)
+    assert e.num_probes == 54
+
+
+def test_auto_pilots_on_the_jvp_side_when_p_is_smaller() -> None:
+    K = nk.NTK.from_jacobian(jacobian_with_spectrum(300, 120, torch.linspace(0.5, 1.5, 120, dtype=torch.float64)))
+    e = nk.trace(K, method="auto", num_probes=80, seed=0)
+    assert e.method == "jvp" and e.info["pilot"]["side"] == "jvp"
+    assert e.jvp_passes == 72 and e.vjp_passes == 8  # pilot JVPs reused, its 8 VJPs inside the 80-pass budget
+
+
+def test_auto_with_tolerance() -> None:
+    big = nk.NTK.from_jacobian(jacobian_with_spectrum(200, 300, torch.arange(1, 201, dtype=torch.float64) ** -0.3))
+    e = nk.trace(big, method="auto", seed=0, rtol=0.01)
+    assert e.converged and "reason" in e.info
+    assert abs(e.value - ex.exact_trace(big)) <= 4 * e.stderr + 1e-9
+
+
+def test_choose_method_is_the_choice_auto_makes() -> None:
+    low = nk.NTK.from_jacobian(jacobian_with_spectrum(200, 300, torch.tensor([5.0, 3.0, 2.0, 1.0, 0.5], dtype=torch.float64)))
+    method, reason = nk.choose_method([low], "trace", 60, seed=0)
+    assert method is nk.Method.HUTCHPP and "spans" in reason
+    assert nk.trace(low, method="auto", num_probes=60, seed=0).method == method.value
+    small = nk.NTK.from_jacobian(jacobian_with_spectrum(20, 30, torch.ones(20, dtype=torch.float64)))
+    assert nk.choose_method([small], "trace", 60)[0] is nk.Method.EXACT  # min(D, P) = 20 passes fit the budget
