@@ -21,7 +21,7 @@ from ..core.probes import Probe, ProbeStream, Stream
 from ..operators.base import FactoredKernel, KernelOperator
 from .methods import EXACT_MAX_ENTRIES, ONE_SIDED, Method
 
-__all__ = ["choose_method", "resolve", "PILOT_MAX", "TIMING_PASSES"]
+__all__ = ["choose_method", "forced_side", "resolve", "PILOT_MAX", "TIMING_PASSES"]
 
 #: Passes ``NTK.pass_seconds`` may spend per AD mode (a warm-up column and up to 4 timed ones).
 TIMING_PASSES = 5
@@ -30,13 +30,20 @@ PILOT_MAX = 16
 _PILOT_QUANTITIES = {"trace", "frobenius_norm", "frobenius_norm_sq", "effective_rank", "target_alignment"}
 
 
-def _side_for(op: FactoredKernel, modes: dict[str, bool]) -> tuple[str, str]:
+def forced_side(modes: dict[str, bool]) -> tuple[str, str] | None:
+    """The only AD side that works, with the reason, or None when both do (raises if neither)."""
     if not modes["jvp"] and not modes["vjp"]:
         raise RuntimeError("neither forward- nor reverse-mode AD works for this model")
     if not modes["jvp"]:
         return "vjp", "forward-mode AD is unavailable for this model"
     if not modes["vjp"]:
         return "jvp", "reverse-mode AD is unavailable for this model"
+    return None
+
+
+def _side_for(op: FactoredKernel, modes: dict[str, bool]) -> tuple[str, str]:
+    if forced := forced_side(modes):
+        return forced
     D, P = op.dim, op.num_params
     small, big = ("vjp", "jvp") if D <= P else ("jvp", "vjp")
     why = f"D={D} {'≤' if D <= P else '>'} P={P}: the {small.upper()} side's probe space is smaller"

@@ -56,6 +56,7 @@ from ..core.probes import Probe, ProbeStream, Stream, parse_probe, resolve_seed
 from ..estimators import exact as ex
 from ..operators.base import FactoredKernel
 from . import adaptive as adapt
+from .auto import forced_side
 from .block_estimate import BlockEstimate, RunCost, block_estimate, total_estimate
 from .block_operators import BlockKernels, PassCounter
 from .block_stats import BlockStats, exact_stats, jvp_stats, max_rel_error, vjp_stats
@@ -228,13 +229,8 @@ def _choose_method(K: FactoredKernel, num_kernels: int, m: int, G: int, block_ke
     exact_cost = min(K.dim, K.num_params) * num_kernels
     if exact_cost <= m * num_kernels and K.dim * K.num_params <= EXACT_MAX_ENTRIES and G * K.dim**2 <= EXACT_MAX_ENTRIES:
         return "exact", f"the exact Jacobian costs {exact_cost} passes, within the {m * num_kernels}-pass budget"
-    modes = K.modes()
-    if not modes["vjp"] and not modes["jvp"]:
-        raise RuntimeError("neither forward- nor reverse-mode AD works for this model")
-    if not modes["jvp"]:
-        return "vjp", "forward-mode AD is unavailable for this model"
-    if not modes["vjp"]:
-        return "jvp", "reverse-mode AD is unavailable for this model"
+    if forced := forced_side(K.modes()):
+        return forced
     if not K.times_passes:
         return "vjp", "one VJP per probe serves every block"
     ops, _ = block_kernels.ops()

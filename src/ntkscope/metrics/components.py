@@ -247,9 +247,32 @@ def _onesided_vectors(op: KernelOperator, side: str, ctx: RunContext, stream_id:
     return est.onesided(op, side, stream.columns, ctx.m, keep=True, chunk_size=ctx.chunk).to(torch.float64)
 
 
-def _gram(A: torch.Tensor, B: torch.Tensor | None = None) -> torch.Tensor:
-    """The probe Gram ``A Bᵀ`` (``A Aᵀ``) of one-sided products, on the CPU."""
-    return (A @ (A if B is None else B).T).cpu()
+#: The most entries of a probe Gram block held at once (32 MB in float64): beyond
+#: ``m² = GRAM_BLOCK_ENTRIES`` the m × m probe Gram is never formed whole, only in row blocks.
+GRAM_BLOCK_ENTRIES = 4 * 10**6
+
+
+class _GramRows:
+    """Row blocks ``A[s:e] Bᵀ`` of probe Grams, the last block of each kept for the next statistic.
+
+    With ``m² ≤ GRAM_BLOCK_ENTRIES`` one block is the whole Gram, computed once and shared by
+    every statistic; above it each statistic sweeps the rows again (recomputing products, not
+    passes), so memory stays ``O(block · m)`` however many probes a tolerance loop draws.
+    """
+
+    def __init__(self, m: int) -> None:
+        self.block = m if m * m <= GRAM_BLOCK_ENTRIES else max(1, GRAM_BLOCK_ENTRIES // m)
+        self._last: dict[str, tuple[tuple[int, int], torch.Tensor]] = {}
+
+    def of(self, key: str, A: torch.Tensor, B: torch.Tensor) -> Callable[[int, int], torch.Tensor]:
+        def rows(s: int, e: int) -> torch.Tensor:
+            hit = self._last.get(key)
+            if hit is None or hit[0] != (s, e):
+                hit = ((s, e), (A[s:e] @ B.T).cpu())
+                self._last[key] = hit
+            return hit[1]
+
+        return rows
 
 
 def _sample_onesided(ops: Sequence[KernelOperator], names: tuple[str, ...], ctx: RunContext, *, side: str) -> list[Part]:
@@ -263,16 +286,19 @@ def _sample_onesided(ops: Sequence[KernelOperator], names: tuple[str, ...], ctx:
         return [Part.means(est.onesided(a, side, stream.columns, ctx.m, keep=False, chunk_size=ctx.chunk))]
     A = _onesided_vectors(a, side, ctx)
     B = _onesided_vectors(ops[1], side, ctx, Stream.SECOND if side == "jvp" else Stream.MAIN) if len(ops) > 1 else A
-    G1 = _gram(A)
-    G2 = _gram(B) if len(ops) > 1 else G1
+    m = A.shape[0]
+    grams = _GramRows(m)
+    g1 = grams.of("AA", A, A)
+    g2 = grams.of("BB", B, B) if len(ops) > 1 else g1
+    pairs = partial(jk.pair_mean_loo_rows, m=m, block=grams.block)
     stat: dict[str, Callable[[], tuple[torch.Tensor, torch.Tensor]]] = {
-        "tr": lambda: jk.mean_loo(G1.diagonal()),
-        "sq": lambda: jk.pair_mean_loo(G1**2),
-        "sq2": lambda: jk.pair_mean_loo(G2**2),
+        "tr": lambda: jk.mean_loo(A.square().sum(1).cpu()),
+        "sq": lambda: pairs(lambda s, e: g1(s, e) ** 2),
+        "sq2": lambda: pairs(lambda s, e: g2(s, e) ** 2),
         "cross": (
-            (lambda: jk.pair_mean_loo(_gram(A, B) ** 2, independent_diag=True))  # E ((J₁u)·(J₂v))² = tr(K₁K₂)
+            (lambda: pairs(lambda s, e: grams.of("AB", A, B)(s, e) ** 2, independent_diag=True))  # E ((J₁u)·(J₂v))² = tr(K₁K₂)
             if side == "jvp"
-            else (lambda: jk.pair_mean_loo(G1 * G2))
+            else (lambda: pairs(lambda s, e: g1(s, e) * g2(s, e)))
         ),
         "quad": lambda: jk.mean_loo((A @ ctx.targets.double()).square().cpu()),  # type: ignore[union-attr]  # E (yᵀJu)² = yᵀKy
     }

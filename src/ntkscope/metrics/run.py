@@ -80,11 +80,12 @@ def _check_budget(meth: Method, m: int, n_ops: int, exact_cost: int, quantity: s
 
 
 def _stored_probe_limit(meth: Method, ops: Sequence[KernelOperator], quantity: Quantity) -> int | None:
-    """Most probes whose one-sided products (m × out) and probe Gram (m × m) fit MAX_STORED_ENTRIES."""
+    """Most probes whose one-sided products (m × out) fit MAX_STORED_ENTRIES (the m × m probe
+    Gram is only ever held in row blocks, :data:`~ntkscope.metrics.components.GRAM_BLOCK_ENTRIES`)."""
     if quantity.trace_only or meth not in (Method.VJP, Method.JVP):
         return None
     out = max(o.num_params if meth is Method.VJP else o.dim for o in ops if isinstance(o, FactoredKernel))
-    return max(2, min(MAX_STORED_ENTRIES // max(out, 1), math.isqrt(MAX_STORED_ENTRIES)))
+    return max(2, MAX_STORED_ENTRIES // max(out, 1))
 
 
 def _max_probes(meth: Method, ops: Sequence[KernelOperator], quantity: Quantity) -> int | None:
@@ -165,7 +166,7 @@ class _Run:
         limit = _stored_probe_limit(self.method, self.ops, self.quantity)
         if not self.opts.adaptive and limit is not None and self.m > limit:
             raise ValueError(
-                f"{name} with method={self.method.value!r} keeps every probe's product and the m × m probe Gram: "
+                f"{name} with method={self.method.value!r} keeps every probe's product (m × {'P' if self.method is Method.VJP else 'D'} numbers): "
                 f"num_probes={self.m} exceeds the memory limit of {limit} probes; the exact value costs "
                 f"{self.exact_cost} passes (method='exact')"
             )
