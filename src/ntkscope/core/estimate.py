@@ -7,8 +7,6 @@ from dataclasses import asdict, dataclass, field
 from statistics import NormalDist
 from typing import Any
 
-from scipy.stats import t
-
 #: Quantities that are positive for any nonzero kernel: their intervals are taken on the log scale.
 POSITIVE = frozenset({"trace", "frobenius_norm", "frobenius_norm_sq", "effective_rank"})
 
@@ -70,6 +68,8 @@ class Estimate:
             return (self.value, self.value)
         dof = self.info.get("dof")
         if isinstance(dof, int) and dof >= 1:
+            from scipy.stats import t  # here, not at the top: scipy.stats adds ~1.4 s to `import ntkscope`
+
             q = float(t.ppf(0.5 + level / 2, dof))
         else:
             q = NormalDist().inv_cdf(0.5 + level / 2)

@@ -43,7 +43,7 @@ import torch
 from ..core.estimate import Estimate
 from ..core.jackknife import Part, combine
 from ..core.linalg import lanczos, nystrom_from_sketch, tridiag_eig
-from ..core.probes import Probe, ProbeStream, Stream, resolve_seed
+from ..core.probes import Probe, ProbeStream, Stream, parse_probe, resolve_seed
 from ..estimators import exact as ex
 from ..estimators.products import gather_columns
 from ..operators.base import FactoredKernel, KernelOperator, as_operator
@@ -266,7 +266,7 @@ def spectral_density(
     op = as_operator(K)
     if num_probes < 1 or steps < 1:
         raise ValueError("num_probes and steps must be >= 1")
-    stream = ProbeStream(op.dim, Probe(probes), resolve_seed(seed), Stream.LANCZOS, torch.float64, op.device)
+    stream = ProbeStream(op.dim, parse_probe(probes), resolve_seed(seed), Stream.LANCZOS, torch.float64, op.device)
     c0 = op.base.counts()
     V = stream.columns(0, num_probes)
     nodes, weights = [], []
