@@ -19,7 +19,8 @@ class Estimate:
         value: the estimate (a Python float).
         stderr: its standard error; ``None`` only for exact values.  For ratios it comes from
             the delete-one jackknife over probes (see :func:`ntkscope.core.jackknife.combine`); for Hutch++ it is conditional on the
-            sketch; for XTrace it is the method's own exchangeable error estimate.
+            sketch; for XTrace it is a grouped jackknife of the whole estimator (its own
+            exchangeable error estimate under-covers).
         jvp_passes / vjp_passes: forward- and reverse-mode AD passes spent (one pass = one
             probe vector pushed through J or Jᵀ), including any pilot passes of ``method="auto"``.
         num_probes: random probe vectors used (matvecs with the estimated operator).

@@ -12,6 +12,7 @@ from typing import TypeVar
 
 import torch
 
+from ..core.executor import map_probes
 from ..operators.base import FactoredKernel, KernelOperator
 
 _T = TypeVar("_T")
@@ -19,12 +20,26 @@ _T = TypeVar("_T")
 __all__ = ["jacobian", "kernel", "smaller_kernel", "exact_trace", "exact_frobenius_sq", "exact_inner", "exact_quadratic"]
 
 
+def _basis(n: int, start: int, stop: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Columns ``start..stop`` of the n × n identity."""
+    E = torch.zeros(n, stop - start, dtype=dtype, device=device)
+    E[torch.arange(start, stop, device=device), torch.arange(stop - start, device=device)] = 1
+    return E
+
+
 def _basis_chunks(n: int, chunk: int, dtype: torch.dtype, device: torch.device):  # type: ignore[no-untyped-def]
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
-        E = torch.zeros(n, stop - start, dtype=dtype, device=device)
-        E[torch.arange(start, stop, device=device), torch.arange(stop - start, device=device)] = 1
-        yield start, stop, E
+        yield start, stop, _basis(n, start, stop, dtype, device)
+
+
+def _basis_rows(op: FactoredKernel, side: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``fn(apply(E))`` over the basis of one side (``apply`` = VJP over R^D or JVP over R^P), as
+    probe blocks: under probe-parallel execution the ranks split the basis, so an exact value
+    costs ``min(D, P)`` passes in all, not on every rank."""
+    n = op.dim if side == "vjp" else op.num_params
+    apply = op.vjp if side == "vjp" else op.jvp
+    return map_probes(n, _chunk(op), lambda s, e: fn(apply(_basis(n, s, e, op.dtype, op.device))))
 
 
 def basis_chunks(op: KernelOperator, chunk: int):  # type: ignore[no-untyped-def]
@@ -61,11 +76,8 @@ def _try_sides(op: FactoredKernel, side: str | None, fn: Callable[[str], _T]) ->
 
 
 def _jacobian_side(op: FactoredKernel, side: str) -> torch.Tensor:
-    if side == "vjp":
-        rows = [op.vjp(E).T for _, _, E in _basis_chunks(op.dim, _chunk(op), op.dtype, op.device)]
-        return torch.cat(rows, 0)
-    cols = [op.jvp(E) for _, _, E in _basis_chunks(op.num_params, _chunk(op), op.dtype, op.device)]
-    return torch.cat(cols, 1)
+    rows = _basis_rows(op, side, lambda X: X.T)  # VJP: rows of J; JVP: rows of Jᵀ
+    return rows if side == "vjp" else rows.T
 
 
 def jacobian(op: FactoredKernel, side: str | None = None) -> torch.Tensor:
@@ -87,12 +99,8 @@ def exact_trace(op: KernelOperator) -> float:
     if isinstance(op, FactoredKernel):
 
         def side_trace(side: str) -> float:
-            n = op.dim if side == "vjp" else op.num_params
-            apply = op.vjp if side == "vjp" else op.jvp
-            acc = torch.zeros((), dtype=torch.float64)
-            for _, _, E in _basis_chunks(n, _chunk(op), op.dtype, op.device):
-                acc += apply(E).double().square().sum().cpu()
-            return float(acc)
+            norms = _basis_rows(op, side, lambda X: X.double().square().sum(0).cpu()[:, None])
+            return float(norms.sum())
 
         return _try_sides(op, None, side_trace)
     for start, stop, E in _basis_chunks(op.dim, _chunk(op), op.dtype, op.device):
@@ -130,14 +138,23 @@ def exact_inner(op1: KernelOperator, op2: KernelOperator) -> float:
 
 
 def exact_quadratic(op: KernelOperator, y: torch.Tensor) -> float:
-    """``yᵀ K y``: one VJP for a factored kernel (``‖Jᵀy‖²``), one matvec otherwise."""
+    """``yᵀ K y``: one VJP for a factored kernel (``‖Jᵀy‖²``), one matvec otherwise.
+
+    It runs as a one-row probe block, so when probes are split over processes one rank spends
+    the pass and the others receive the value (the pass is counted once in the totals)."""
     y = y.to(device=op.device, dtype=op.dtype).reshape(-1)
-    if isinstance(op, FactoredKernel):
-        try:
-            return float(op.vjp(y).double().square().sum())
-        except RuntimeError:  # reverse mode unavailable: yᵀJ from the Jacobian by JVPs
-            return float((y.double() @ jacobian(op, "jvp").double()).square().sum())
-    return float((y.double() * op.matmat(y).double()).sum())
+
+    def row(start: int, stop: int) -> torch.Tensor:
+        if isinstance(op, FactoredKernel):
+            try:
+                value = op.vjp(y).double().square().sum()
+            except RuntimeError:  # reverse mode unavailable: yᵀJ from the Jacobian by JVPs
+                value = (y.double() @ jacobian(op, "jvp").double()).square().sum()
+        else:
+            value = (y.double() * op.matmat(y).double()).sum()
+        return value.reshape(1, 1)
+
+    return float(map_probes(1, 1, row)[0, 0])
 
 
 def eigenvalues(op: KernelOperator) -> torch.Tensor:
