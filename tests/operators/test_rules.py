@@ -65,6 +65,18 @@ def test_recurrent_initial_state_bias_and_every_output(cls: type) -> None:
     _check(*_pair(mod, (x, hx), output=every))
 
 
+@pytest.mark.parametrize("cls", [nn.RNN, nn.GRU, nn.LSTM])
+@pytest.mark.parametrize("frozen", [("weight_ih_l0", "bias_ih_l0"), ("bias_hh_l0",), ("weight_hh_l0", "bias_ih_l0"), ("bias_ih_l0", "bias_hh_l0")])
+def test_recurrent_frozen_parameters(cls: type, frozen: tuple[str, ...]) -> None:
+    """Only some of a layer's weights and biases analysed: the parameter adjoints (one shared GEMM
+    over [x, h_prev, 1]) return exactly the requested gradients."""
+    torch.manual_seed(0)
+    mod = cls(3, 4).to(DT)
+    for name in frozen:
+        getattr(mod, name).requires_grad_(False)
+    _check(*_pair(mod, torch.randn(5, 2, 3, dtype=DT), output=0))
+
+
 def test_unbatched_sequence() -> None:
     torch.manual_seed(0)
     _check(*_pair(nn.LSTM(3, 4).to(DT), torch.randn(6, 3, dtype=DT), output=0))

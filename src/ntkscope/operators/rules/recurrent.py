@@ -142,20 +142,7 @@ class RecurrenceOp(BatchedOp):
         H = Whh.shape[1]
         GH = self.gates * H
         st = state
-        # pre-activation tangents of every step and probe from the parameters and the input
-        DI = x.new_zeros(T, B, m, GH)
-        if dWih is not None:
-            DI += (x.reshape(T * B, I) @ dWih.permute(2, 0, 1).reshape(I, m * GH)).view(T, B, m, GH)
-        if dx is not None:
-            DI += _lead(dx @ Wih.T, m)
-        if dbih is not None:
-            DI += dbih
-        # r multiplies g_n in the GRU: its hidden pre-activation tangents are kept apart (DG)
-        DG = x.new_zeros(T, B, m, GH) if self.kind == "gru" else DI
-        if dWhh is not None:
-            DG += (st["Hprev"].reshape(T * B, H) @ dWhh.permute(2, 0, 1).reshape(H, m * GH)).view(T, B, m, GH)
-        if dbhh is not None:
-            DG += dbhh
+        DI, DGn = self._preactivation_tangents(x, st["Hprev"], Wih, tangents, m)
         S = x.new_empty(T, B, m, H)
         prev = None if dh0 is None else dh0.permute(1, 0, 2).contiguous()  # (B, m, H)
         cprev = None if dc0 is None else dc0.permute(1, 0, 2).contiguous()
@@ -163,13 +150,16 @@ class RecurrenceOp(BatchedOp):
         for t in range(T):
             o = S[t]
             if k == "gru":
-                dg, di = DG[t], DI[t]
-                if prev is not None:
-                    dg.view(B * m, GH).addmm_(prev.reshape(B * m, H), Whh.T)
+                assert DGn is not None
+                di, dgn = DI[t], DGn[t]
                 drz = di[..., : 2 * H]
-                drz.add_(dg[..., : 2 * H]).mul_(st["dRZ"][t][:, None])
+                if prev is not None:
+                    p2 = prev.reshape(B * m, H)
+                    drz.view(B * m, 2 * H).addmm_(p2, Whh[: 2 * H].T)  # r, z: input and hidden terms add
+                    dgn.view(B * m, H).addmm_(p2, Whh[2 * H :].T)  # n: the hidden term, scaled by r below
+                drz.mul_(st["dRZ"][t][:, None])
                 dn = di[..., 2 * H :]
-                dn.addcmul_(drz[..., :H], st["GN"][t][:, None]).addcmul_(st["R"][t][:, None], dg[..., 2 * H :]).mul_(st["dN"][t][:, None])
+                dn.addcmul_(drz[..., :H], st["GN"][t][:, None]).addcmul_(st["R"][t][:, None], dgn).mul_(st["dN"][t][:, None])
                 torch.mul(dn, st["OMZ"][t][:, None], out=o)
                 o.addcmul_(drz[..., H:], st["HMN"][t][:, None])
                 if prev is not None:
@@ -197,6 +187,59 @@ class RecurrenceOp(BatchedOp):
             return Yt, cprev.permute(1, 0, 2)
         return Yt, x.new_zeros(m, 0)
 
+    def _preactivation_tangents(
+        self, x: torch.Tensor, Hprev: torch.Tensor, Wih: torch.Tensor, tangents: Sequence[Opt], m: int
+    ) -> tuple[torch.Tensor, Opt]:
+        """Tangents of every step's pre-activations from the parameters and the input, ``(T, B, m, G·H)``.
+
+        The parameter terms of all T·B steps and m probes are one GEMM ``[x, h_prev, 1] · [dW_ih;
+        dW_hh; db]`` written straight into the block (one K = I + H + 1 product instead of two thin
+        ones into a zeroed block).  The GRU's candidate gate keeps its hidden term ``W_hn h + b_hn``
+        apart (r multiplies it): returned as a second block ``(T, B, m, H)``; None otherwise."""
+        dx, _, _, dWih, dWhh, dbih, dbhh = tangents
+        T, B, I = x.shape
+        H = Hprev.shape[-1]
+        GH = self.gates * H
+        gru = self.kind == "gru"
+        split = 2 * H if gru else GH  # columns of the hidden terms that add to the input terms
+
+        def cols(w: torch.Tensor, width: int) -> torch.Tensor:  # (m, width, k) -> (k, m·width)
+            return w.permute(2, 0, 1).reshape(w.shape[-1], m * width)
+
+        def hidden_part(w: torch.Tensor) -> torch.Tensor:  # W_hh's (or b_hh's) rows that add to the input terms
+            if not gru:
+                return w
+            return torch.cat([w[:, :split], w.new_zeros(m, GH - split, *w.shape[2:])], 1)
+
+        feats, weights = [], []
+        if dWih is not None:
+            feats.append(x.reshape(T * B, I))
+            weights.append(cols(dWih, GH))
+        if dWhh is not None:
+            feats.append(Hprev.reshape(T * B, H))
+            weights.append(cols(hidden_part(dWhh), GH))
+        bias = [b for b in (dbih, None if dbhh is None else hidden_part(dbhh)) if b is not None]
+        if bias:
+            feats.append(x.new_ones(T * B, 1))
+            weights.append(sum(bias[1:], bias[0]).reshape(1, m * GH))  # type: ignore[arg-type]
+        if feats:
+            DI = (torch.cat(feats, 1) @ torch.cat(weights, 0)).view(T, B, m, GH)
+        else:
+            DI = x.new_zeros(T, B, m, GH)
+        if dx is not None:
+            DI += _lead(dx @ Wih.T, m)
+        DGn = None
+        if gru:
+            hf, hw = [], []
+            if dWhh is not None:
+                hf.append(Hprev.reshape(T * B, H))
+                hw.append(cols(dWhh[:, split:], H))
+            if dbhh is not None:
+                hf.append(x.new_ones(T * B, 1))
+                hw.append(dbhh[:, split:].reshape(1, m * H))
+            DGn = (torch.cat(hf, 1) @ torch.cat(hw, 0)).view(T, B, m, H) if hf else x.new_zeros(T, B, m, H)
+        return DI, DGn
+
     # -- adjoint -------------------------------------------------------------------------------
 
     def adjoint(
@@ -210,28 +253,31 @@ class RecurrenceOp(BatchedOp):
         GH = self.gates * H
         st = state
         k = self.kind
-        # a copy, never a view of gY (with m = 1 a permuted tensor can be contiguous already):
-        # the carries are added into it in place
-        V = x.new_zeros(T, B, m, H) if gY is None else gY.permute(1, 2, 0, 3).clone(memory_format=torch.contiguous_format)
+        # gY read through a strided view, never written: each step's carry is a fresh GEMM output,
+        # and the step's cotangent is added into it
+        V = None if gY is None else gY.permute(1, 2, 0, 3)
         GI = x.new_empty(T, B, m, GH)  # adjoints of the input pre-activations W_ih x + b_ih
-        GG = x.new_empty(T, B, m, GH) if k == "gru" else GI  # of W_hh h + b_hh (the same but for the GRU)
+        # those of W_hh h + b_hh are GI's too, but for the GRU's candidate gate (r ⊙ (…)): kept apart
+        GGn = x.new_empty(T, B, m, H) if k == "gru" else None
         carry: torch.Tensor | None = None
         ccarry = None if (k != "lstm" or gc is None or gc.numel() == 0) else gc.permute(1, 0, 2).contiguous()
         need_h0 = bool(needs[1]) and h0 is not None
         for t in range(T - 1, -1, -1):
-            gh = V[t]
-            if carry is not None:
-                gh.add_(carry)
+            if carry is None:
+                gh = x.new_zeros(B, m, H) if V is None else V[t]
+            else:
+                gh = carry if V is None else carry.add_(V[t])
             gi = GI[t]
             if k == "gru":
-                gg = GG[t]
+                assert GGn is not None
                 an = torch.mul(gh, st["CN"][t][:, None], out=gi[..., 2 * H :])
                 torch.mul(gh, st["CZ"][t][:, None], out=gi[..., H : 2 * H])
                 torch.mul(an, st["CR"][t][:, None], out=gi[..., :H])
-                gg[..., : 2 * H].copy_(gi[..., : 2 * H])
-                torch.mul(an, st["R"][t][:, None], out=gg[..., 2 * H :])
+                ggn = torch.mul(an, st["R"][t][:, None], out=GGn[t])
                 if t > 0 or need_h0:
-                    carry = (gg.view(B * m, GH) @ Whh).view(B, m, H).addcmul_(gh, st["Z"][t][:, None])
+                    # two GEMMs on strided views, so no step copies GI's update gates into a second block
+                    carry = (gi[..., : 2 * H].view(B * m, 2 * H) @ Whh[: 2 * H]).addmm_(ggn.view(B * m, H), Whh[2 * H :])
+                    carry = carry.view(B, m, H).addcmul_(gh, st["Z"][t][:, None])
             elif k == "lstm":
                 gcell = gh * st["OdTC"][t][:, None]
                 if ccarry is not None:
@@ -248,15 +294,44 @@ class RecurrenceOp(BatchedOp):
                 torch.mul(gh, st["D"][t][:, None], out=gi[..., :])
                 if t > 0 or need_h0:
                     carry = (gi.view(B * m, GH) @ Whh).view(B, m, H)
-        GI2, GG2 = GI.view(T * B, m * GH), GG.view(T * B, m * GH)
         gx = (GI.view(T * B * m, GH) @ Wih).view(T, B, m, I).permute(2, 0, 1, 3) if needs[0] else None
         gh0 = carry.permute(1, 0, 2) if need_h0 and carry is not None else None
         gc0 = ccarry.permute(1, 0, 2) if k == "lstm" and c0 is not None and needs[2] and ccarry is not None else None
-        gWih = (GI2.T @ x.reshape(T * B, I)).view(m, GH, I) if needs[3] else None
-        gWhh = (GG2.T @ st["Hprev"].reshape(T * B, H)).view(m, GH, H) if needs[4] else None
-        gbih = GI2.sum(0).view(m, GH) if bih is not None and needs[5] else None
-        gbhh = GG2.sum(0).view(m, GH) if bhh is not None and needs[6] else None
-        return gx, gh0, gc0, gWih, gWhh, gbih, gbhh
+        needs_p = (*needs[3:5], bool(needs[5]) and bih is not None, bool(needs[6]) and bhh is not None)
+        return (gx, gh0, gc0, *self._parameter_adjoints(x, st["Hprev"], GI, GGn, (*needs[:3], *needs_p), m))
+
+    def _parameter_adjoints(
+        self, x: torch.Tensor, Hprev: torch.Tensor, GI: torch.Tensor, GGn: Opt, needs: Sequence[bool], m: int
+    ) -> tuple[Opt, Opt, Opt, Opt]:
+        """Every probe's weight and bias gradients from the stored pre-activation adjoints.
+
+        One GEMM ``[x, h_prev, 1]ᵀ · GI`` over all T·B steps gives ``W_ih``'s, ``W_hh``'s and the
+        biases' gradients at once (GI is read once), in the orientation whose output is wide:
+        ``GIᵀ · x`` with its few input columns ran 4× slower.  The GRU's candidate gate adds one
+        GEMM ``[h_prev, 1]ᵀ · GG_n``.  ``needs[3:7]`` says which of ``W_ih, W_hh, b_ih, b_hh`` are
+        wanted (False for an absent bias); gradients come back as strided views ``(m, G·H, ·)``."""
+        T, B, I = x.shape
+        H, GH = Hprev.shape[-1], GI.shape[-1]
+        w_ih, w_hh, b_ih, b_hh = (bool(n) for n in needs[3:7])
+        ones = x.new_ones(T * B, 1)
+        feats = [(x.reshape(T * B, I), w_ih), (Hprev.reshape(T * B, H), w_hh), (ones, b_ih or b_hh)]
+        A = (torch.cat([f for f, w in feats if w], 1).T @ GI.view(T * B, m * GH)).view(-1, m, GH)
+        gWih = A[:I].permute(1, 2, 0) if w_ih else None
+        gWhh = A[I * w_ih : I * w_ih + H].permute(1, 2, 0) if w_hh else None
+        gb = A[-1] if b_ih or b_hh else None
+        gbhh = gb
+        if GGn is not None and (w_hh or b_hh):  # the GRU: W_hn h + b_hn sits inside r ⊙ (…)
+            An = (torch.cat([f for f, w in feats[1:] if w], 1).T @ GGn.view(T * B, m * H)).view(-1, m, H)
+            if gWhh is not None:
+                gWhh = torch.cat([gWhh[:, : 2 * H], An[:H].permute(1, 2, 0)], 1)
+            if b_hh and gb is not None:
+                gbhh = torch.cat([gb[:, : 2 * H], An[-1]], 1)
+        gbih = gb if b_ih else None
+        if not b_hh:
+            gbhh = None
+        elif gb is not None and gbhh is gb and b_ih:
+            gbhh = gb.clone()  # two inputs, two tensors
+        return gWih, gWhh, gbih, gbhh
 
 
 _OPS = {k: RecurrenceOp(k) for k in ("rnn_tanh", "rnn_relu", "gru", "lstm")}
