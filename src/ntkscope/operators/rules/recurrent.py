@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...core.memory import scratch
 from .core import BatchedOp
 
 __all__ = ["RecurrenceOp", "rnn_forward", "cell_forward"]
@@ -222,10 +223,11 @@ class RecurrenceOp(BatchedOp):
         if bias:
             feats.append(x.new_ones(T * B, 1))
             weights.append(sum(bias[1:], bias[0]).reshape(1, m * GH))  # type: ignore[arg-type]
+        DI = scratch("rnn.DI", (T, B, m, GH), x)
         if feats:
-            DI = (torch.cat(feats, 1) @ torch.cat(weights, 0)).view(T, B, m, GH)
+            torch.mm(torch.cat(feats, 1), torch.cat(weights, 0), out=DI.view(T * B, m * GH))
         else:
-            DI = x.new_zeros(T, B, m, GH)
+            DI.zero_()
         if dx is not None:
             DI += _lead(dx @ Wih.T, m)
         DGn = None
@@ -237,7 +239,11 @@ class RecurrenceOp(BatchedOp):
             if dbhh is not None:
                 hf.append(x.new_ones(T * B, 1))
                 hw.append(dbhh[:, split:].reshape(1, m * H))
-            DGn = (torch.cat(hf, 1) @ torch.cat(hw, 0)).view(T, B, m, H) if hf else x.new_zeros(T, B, m, H)
+            DGn = scratch("rnn.DGn", (T, B, m, H), x)
+            if hf:
+                torch.mm(torch.cat(hf, 1), torch.cat(hw, 0), out=DGn.view(T * B, m * H))
+            else:
+                DGn.zero_()
         return DI, DGn
 
     # -- adjoint -------------------------------------------------------------------------------
@@ -256,9 +262,9 @@ class RecurrenceOp(BatchedOp):
         # gY read through a strided view, never written: each step's carry is a fresh GEMM output,
         # and the step's cotangent is added into it
         V = None if gY is None else gY.permute(1, 2, 0, 3)
-        GI = x.new_empty(T, B, m, GH)  # adjoints of the input pre-activations W_ih x + b_ih
+        GI = scratch("rnn.GI", (T, B, m, GH), x)  # adjoints of the input pre-activations W_ih x + b_ih
         # those of W_hh h + b_hh are GI's too, but for the GRU's candidate gate (r ⊙ (…)): kept apart
-        GGn = x.new_empty(T, B, m, H) if k == "gru" else None
+        GGn = scratch("rnn.GGn", (T, B, m, H), x) if k == "gru" else None
         carry: torch.Tensor | None = None
         ccarry = None if (k != "lstm" or gc is None or gc.numel() == 0) else gc.permute(1, 0, 2).contiguous()
         need_h0 = bool(needs[1]) and h0 is not None
