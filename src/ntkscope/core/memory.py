@@ -76,3 +76,11 @@ def scratch(tag: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tenso
     if block is None:
         block = _POOL.blocks[key] = like.new_empty(shape)
     return block  # type: ignore[no-any-return]
+
+
+def scope_cache() -> dict[object, object] | None:
+    """A dict that lives as long as the outermost :func:`scratch_scope` (None outside one): for
+    what every chunk of one call can share, such as the forward pass behind a VJP."""
+    if getattr(_POOL, "depth", 0) == 0:
+        return None
+    return _POOL.blocks  # type: ignore[no-any-return]
