@@ -15,6 +15,13 @@ _CHUNK_BYTES = 512 * 2**20
 _MAX_AUTO_CHUNK = 256
 
 
+def reusable_block_bytes() -> int:
+    """Largest CPU block the allocator keeps for reuse after it is freed: glibc maps larger ones
+    afresh on every allocation (page faults, zeroing).  Its mmap threshold grows to at most
+    32 MiB on 64-bit systems; blocks a little over it (a power-of-two chunk of probes) still fit."""
+    return 40 * 2**20
+
+
 def available_bytes(device: torch.device) -> int | None:
     """Free memory on ``device`` (CUDA: ``mem_get_info``; CPU: ``MemAvailable``), None if unknown."""
     if device.type == "cuda":

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..core.memory import _MAX_AUTO_CHUNK, chunk_budget_bytes
+from ..core.memory import _MAX_AUTO_CHUNK, chunk_budget_bytes, reusable_block_bytes
 from . import rules as _rules
 from .base import FactoredKernel, _as_block, _DenseFactor
 from .evaluators import Evaluator, quiet, sqnorms
@@ -245,11 +245,18 @@ class NTK(FactoredKernel):
         more than D for convolutional or recurrent models); the intermediates are measured once
         with ``saved_tensors_hooks`` on one forward.  With rules, the rules' own per-probe blocks
         (which they report) count instead of the saved activations of the modules they replace.
-        The same chunk serves both modes.  Budget: :func:`chunk_budget_bytes`.
+        The same chunk serves both modes.  Budget: :func:`chunk_budget_bytes`; on the CPU the
+        probe and result blocks (chunk × P and chunk × D) also stay within
+        :func:`reusable_block_bytes`, so that the allocator reuses them from chunk to chunk
+        (the MLP's 66 MB blocks at 256 probes ran 1.3× slower than 33 MB ones at 128).
         """
         saved, cap = _saved_probe_numel(fn, self.primals, rules)
         per_probe = self.dtype.itemsize * (self.dim + self.num_params + saved) * 2
-        return max(1, min(_MAX_AUTO_CHUNK, cap, chunk_budget_bytes(self.device) // per_probe))
+        chunk = min(_MAX_AUTO_CHUNK, cap, chunk_budget_bytes(self.device) // per_probe)
+        if self.device.type == "cpu":
+            reuse = reusable_block_bytes() // (self.dtype.itemsize * max(self.dim, self.num_params))
+            chunk = min(chunk, max(8, 1 << max(0, reuse.bit_length() - 1)) if reuse < chunk else chunk)
+        return max(1, chunk)
 
     def _f(self, *tensors: torch.Tensor) -> torch.Tensor:
         return self._fn_raw(*tensors).reshape(-1)
