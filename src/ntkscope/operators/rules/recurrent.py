@@ -35,9 +35,10 @@ __all__ = ["RecurrenceOp", "rnn_forward", "cell_forward"]
 Opt = torch.Tensor | None
 
 
-def _lead(t: torch.Tensor, m: int) -> torch.Tensor:
-    """``(m, T, B, k)`` → ``(T, B, m, k)`` contiguous."""
-    return t.permute(1, 2, 0, 3).contiguous()
+def _per_step(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Gate values ``(T, B, k)`` as ``(T, B, 1, k)``: step t's slice broadcasts over the probe axis
+    of a ``(B, m, k)`` block without a view op per use (``Hprev`` stays ``(T, B, H)``)."""
+    return {k: v if k == "Hprev" else v.unsqueeze(2) for k, v in state.items()}
 
 
 class RecurrenceOp(BatchedOp):
@@ -99,7 +100,7 @@ class RecurrenceOp(BatchedOp):
             dR, dZ, dN = R * (1 - R), Z * (1 - Z), 1 - N * N
             st = dict(Hprev=Hprev, R=R, Z=Z, GN=GN, dRZ=torch.cat([dR, dZ], -1), dN=dN, OMZ=1 - Z, HMN=Hprev - N)
             st.update(CN=st["OMZ"] * dN, CZ=st["HMN"] * dZ, CR=GN * dR)
-            return (Y, x.new_empty(0)), st
+            return (Y, x.new_empty(0)), _per_step(st)
         if k == "lstm":
             c = c0 if c0 is not None else x.new_zeros(B, H)
             I_, F_, G_, O_, C, TC = (x.new_empty(T, B, H) for _ in range(6))
@@ -120,7 +121,7 @@ class RecurrenceOp(BatchedOp):
             Hprev = torch.cat([(h0 if h0 is not None else x.new_zeros(B, H))[None], Y[:-1]])
             dA = torch.cat([I_ * (1 - I_), F_ * (1 - F_), 1 - G_ * G_, O_ * (1 - O_)], -1)
             st = dict(Hprev=Hprev, Cprev=Cprev, I=I_, F=F_, G=G_, O=O_, TC=TC, dA=dA, OdTC=O_ * (1 - TC * TC))
-            return (Y, c), st
+            return (Y, c), _per_step(st)
         relu = k == "rnn_relu"
         D = x.new_empty(T, B, H)
         for t in range(T):
@@ -131,7 +132,7 @@ class RecurrenceOp(BatchedOp):
             D[t] = (a > 0).to(a.dtype) if relu else 1 - h * h
             Y[t] = h
         Hprev = torch.cat([(h0 if h0 is not None else x.new_zeros(B, H))[None], Y[:-1]])
-        return (Y, x.new_empty(0)), dict(Hprev=Hprev, D=D)
+        return (Y, x.new_empty(0)), _per_step(dict(Hprev=Hprev, D=D))
 
     # -- tangent -------------------------------------------------------------------------------
 
@@ -158,29 +159,29 @@ class RecurrenceOp(BatchedOp):
                     p2 = prev.reshape(B * m, H)
                     drz.view(B * m, 2 * H).addmm_(p2, Whh[: 2 * H].T)  # r, z: input and hidden terms add
                     dgn.view(B * m, H).addmm_(p2, Whh[2 * H :].T)  # n: the hidden term, scaled by r below
-                drz.mul_(st["dRZ"][t][:, None])
+                drz.mul_(st["dRZ"][t])
                 dn = di[..., 2 * H :]
-                dn.addcmul_(drz[..., :H], st["GN"][t][:, None]).addcmul_(st["R"][t][:, None], dgn).mul_(st["dN"][t][:, None])
-                torch.mul(dn, st["OMZ"][t][:, None], out=o)
-                o.addcmul_(drz[..., H:], st["HMN"][t][:, None])
+                dn.addcmul_(drz[..., :H], st["GN"][t]).addcmul_(st["R"][t], dgn).mul_(st["dN"][t])
+                torch.mul(dn, st["OMZ"][t], out=o)
+                o.addcmul_(drz[..., H:], st["HMN"][t])
                 if prev is not None:
-                    o.addcmul_(st["Z"][t][:, None], prev)
+                    o.addcmul_(st["Z"][t], prev)
             else:
                 da = DI[t]
                 if prev is not None:
                     da.view(B * m, GH).addmm_(prev.reshape(B * m, H), Whh.T)
                 if k == "lstm":
-                    da.mul_(st["dA"][t][:, None])
+                    da.mul_(st["dA"][t])
                     di_, df, dg_, do = da[..., :H], da[..., H : 2 * H], da[..., 2 * H : 3 * H], da[..., 3 * H :]
-                    dc = df * st["Cprev"][t][:, None]
-                    dc.addcmul_(di_, st["G"][t][:, None]).addcmul_(dg_, st["I"][t][:, None])
+                    dc = df * st["Cprev"][t]
+                    dc.addcmul_(di_, st["G"][t]).addcmul_(dg_, st["I"][t])
                     if cprev is not None:
-                        dc.addcmul_(cprev, st["F"][t][:, None])
-                    torch.mul(do, st["TC"][t][:, None], out=o)
-                    o.addcmul_(dc, st["OdTC"][t][:, None])
+                        dc.addcmul_(cprev, st["F"][t])
+                    torch.mul(do, st["TC"][t], out=o)
+                    o.addcmul_(dc, st["OdTC"][t])
                     cprev = dc
                 else:
-                    torch.mul(da, st["D"][t][:, None], out=o)
+                    torch.mul(da, st["D"][t], out=o)
             prev = o
         Yt = S.permute(2, 0, 1, 3)  # (m, T, B, H)
         if k == "lstm":
@@ -229,7 +230,8 @@ class RecurrenceOp(BatchedOp):
         else:
             DI.zero_()
         if dx is not None:
-            DI += _lead(dx @ Wih.T, m)
+            # (m, T, B, I) → (T, B, m, I) rows (a view when dx is a lower layer's tangent), added by one GEMM
+            DI.view(T * B * m, GH).addmm_(dx.permute(1, 2, 0, 3).reshape(T * B * m, I), Wih.T)
         DGn = None
         if gru:
             hf, hw = [], []
@@ -276,28 +278,28 @@ class RecurrenceOp(BatchedOp):
             gi = GI[t]
             if k == "gru":
                 assert GGn is not None
-                an = torch.mul(gh, st["CN"][t][:, None], out=gi[..., 2 * H :])
-                torch.mul(gh, st["CZ"][t][:, None], out=gi[..., H : 2 * H])
-                torch.mul(an, st["CR"][t][:, None], out=gi[..., :H])
-                ggn = torch.mul(an, st["R"][t][:, None], out=GGn[t])
+                an = torch.mul(gh, st["CN"][t], out=gi[..., 2 * H :])
+                torch.mul(gh, st["CZ"][t], out=gi[..., H : 2 * H])
+                torch.mul(an, st["CR"][t], out=gi[..., :H])
+                ggn = torch.mul(an, st["R"][t], out=GGn[t])
                 if t > 0 or need_h0:
                     # two GEMMs on strided views, so no step copies GI's update gates into a second block
                     carry = (gi[..., : 2 * H].view(B * m, 2 * H) @ Whh[: 2 * H]).addmm_(ggn.view(B * m, H), Whh[2 * H :])
-                    carry = carry.view(B, m, H).addcmul_(gh, st["Z"][t][:, None])
+                    carry = carry.view(B, m, H).addcmul_(gh, st["Z"][t])
             elif k == "lstm":
-                gcell = gh * st["OdTC"][t][:, None]
+                gcell = gh * st["OdTC"][t]
                 if ccarry is not None:
                     gcell.add_(ccarry)
-                torch.mul(gh, st["TC"][t][:, None], out=gi[..., 3 * H :])
-                torch.mul(gcell, st["G"][t][:, None], out=gi[..., :H])
-                torch.mul(gcell, st["Cprev"][t][:, None], out=gi[..., H : 2 * H])
-                torch.mul(gcell, st["I"][t][:, None], out=gi[..., 2 * H : 3 * H])
-                gi.mul_(st["dA"][t][:, None])
-                ccarry = gcell * st["F"][t][:, None]
+                torch.mul(gh, st["TC"][t], out=gi[..., 3 * H :])
+                torch.mul(gcell, st["G"][t], out=gi[..., :H])
+                torch.mul(gcell, st["Cprev"][t], out=gi[..., H : 2 * H])
+                torch.mul(gcell, st["I"][t], out=gi[..., 2 * H : 3 * H])
+                gi.mul_(st["dA"][t])
+                ccarry = gcell * st["F"][t]
                 if t > 0 or need_h0:
                     carry = (gi.view(B * m, GH) @ Whh).view(B, m, H)
             else:
-                torch.mul(gh, st["D"][t][:, None], out=gi[..., :])
+                torch.mul(gh, st["D"][t], out=gi[..., :])
                 if t > 0 or need_h0:
                     carry = (gi.view(B * m, GH) @ Whh).view(B, m, H)
         gx = (GI.view(T * B * m, GH) @ Wih).view(T, B, m, I).permute(2, 0, 1, 3) if needs[0] else None
