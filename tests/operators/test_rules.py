@@ -306,3 +306,88 @@ def test_embedding_padding_row_has_one_jacobian() -> None:
     assert float(Jf[:, :4].abs().max()) == float(Jr[:, :4].abs().max()) == 0.0  # the padding row is not trained
     assert float(Jf[:, 4:28].abs().max()) > 0
     assert type(model[0]) is nn.Embedding
+
+
+class _Attend(nn.Module):
+    """Attention as users call it: self- or cross-attention, masks, weights returned or not."""
+
+    def __init__(self, mha: nn.MultiheadAttention, cross: bool, masks: bool, weights: bool) -> None:
+        super().__init__()
+        self.mha, self.cross, self.masks, self.weights = mha, cross, masks, weights
+
+    def forward(self, x: torch.Tensor, mem: torch.Tensor) -> torch.Tensor:
+        kv = mem if self.cross else x
+        kw: dict = {}
+        if self.masks:
+            L, S = (x.shape[1], kv.shape[1]) if self.mha.batch_first else (x.shape[0], kv.shape[0])
+            kw["attn_mask"] = torch.triu(torch.ones(L, S, dtype=torch.bool), 1)
+            pad = torch.zeros(2, S, dtype=torch.bool)
+            pad[1, -1] = True
+            kw["key_padding_mask"] = pad
+        out, w = self.mha(x, kv, kv, need_weights=self.weights, **kw)
+        return out if w is None else torch.cat([out.reshape(-1), w.reshape(-1)])
+
+
+MHAS = [
+    dict(batch_first=True),
+    dict(batch_first=False, bias=False),
+    dict(batch_first=True, kdim=3, vdim=5, cross=True),
+    dict(batch_first=True, add_bias_kv=True, add_zero_attn=True, masks=True, weights=True),
+    dict(batch_first=False, masks=True, cross=True),
+]
+
+
+@pytest.mark.parametrize("cfg", MHAS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_multihead_attention(cfg: dict) -> None:
+    """The MHA rule (2-D input projections inside the module's own forward) equals the generic
+    path for packed and separate projection weights, biases or none, bias_kv / zero attention,
+    boolean masks, returned attention weights and either layout."""
+    torch.manual_seed(0)
+    cfg = dict(cfg)
+    cross, masks, weights = cfg.pop("cross", False), cfg.pop("masks", False), cfg.pop("weights", False)
+    mha = nn.MultiheadAttention(8, 2, **cfg).to(DT).eval()
+    model = _Attend(mha, cross, masks, weights)
+    bf = cfg.get("batch_first", False)
+    x = torch.randn(2, 4, 8, dtype=DT) if bf else torch.randn(4, 2, 8, dtype=DT)
+    kdim = cfg.get("kdim", 8)
+    mem = torch.randn(2, 3, kdim, dtype=DT) if bf else torch.randn(3, 2, kdim, dtype=DT)
+    if "vdim" in cfg:  # key and value of different widths: project value from its own tensor
+        mv = torch.randn(*mem.shape[:-1], cfg["vdim"], dtype=DT)
+
+        class _KV(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.mha = mha
+
+            def forward(self, x: torch.Tensor, mem: torch.Tensor) -> torch.Tensor:
+                return self.mha(x, mem, mv, need_weights=False)[0]
+
+        model = _KV()  # type: ignore[assignment]
+    _check(*_pair(model, (x, mem)))
+
+
+def test_transformer_encoder_with_causal_mask() -> None:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).to(DT).eval()
+    mask = nn.Transformer.generate_square_subsequent_mask(5, dtype=DT)
+
+    class _Causal(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc = enc
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.enc(x, mask=mask, is_causal=True)
+
+    K, Kg = _pair(_Causal(), torch.randn(2, 5, 8, dtype=DT))
+    assert K.rules == ["enc.layers.0.self_attn: MultiheadAttention", "enc.layers.1.self_attn: MultiheadAttention"]
+    _check(K, Kg)
+
+
+def test_multihead_attention_leaves_functional_as_it_was() -> None:
+    before = torch.nn.functional.multi_head_attention_forward
+    model = _Attend(nn.MultiheadAttention(8, 2, batch_first=True).to(DT), False, False, False)
+    K = nk.NTK(model, (torch.randn(2, 4, 8, dtype=DT), torch.randn(2, 3, 8, dtype=DT)), rules=True)
+    K.jvp(torch.randn(K.num_params, 2, dtype=DT))
+    assert torch.nn.functional.multi_head_attention_forward is before

@@ -16,8 +16,12 @@ module                                    rule
                                           ``h0``, unbatched input; not LSTM ``proj_size``)
 ``nn.RNNCell`` / ``nn.GRUCell`` /         one step of the same recurrence
 ``nn.LSTMCell``
-``nn.MultiheadAttention``, Transformer    math attention (:func:`math_attention`): the fused
-layers, ``scaled_dot_product_attention``  kernels, which have no forward-mode rule, are
+``nn.MultiheadAttention``                 its own forward with the q/k/v input projections as
+                                          2-D products (:mod:`~ntkscope.operators.rules.attention`:
+                                          a 3-D projection with batched weight tangents is
+                                          evaluated by copying the weight L times)
+``nn.MultiheadAttention``, Transformer    math attention (:func:`math_attention`, every path): the
+layers, ``scaled_dot_product_attention``  fused kernels, which have no forward-mode rule, are
                                           replaced by plain matrix products during analysis
 ========================================  ===================================================
 
@@ -47,6 +51,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .attention import mha_forward
 from .core import BatchedOp, RuleUnsupported, measure_probe_numel
 from .dense import LINEAR
 from .recurrent import cell_forward, rnn_forward, supports_rnn
@@ -88,6 +93,7 @@ for _rnn in (nn.RNN, nn.GRU, nn.LSTM):
     register_rule(_rnn, rnn_forward, supports_rnn)
 for _cell in (nn.RNNCell, nn.GRUCell, nn.LSTMCell):
     register_rule(_cell, cell_forward)
+register_rule(nn.MultiheadAttention, mha_forward)
 
 
 def unregister_rule(cls: type) -> None:
