@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .choices import parse_choice
+
 #: Columns generated together from one seeded generator.
 BLOCK = 32
 
@@ -57,11 +59,8 @@ class Probe(str, enum.Enum):
 
 
 def parse_probe(kind: str | Probe) -> Probe:
-    try:
-        return Probe(kind)
-    except ValueError:
-        choices = ", ".join(repr(p.value) for p in Probe)
-        raise ValueError(f"unknown probe distribution {kind!r}; choose one of {choices}") from None
+    """The :class:`Probe` named by ``kind``, or a ``ValueError`` listing the choices."""
+    return parse_choice(Probe, kind, "probe distribution")
 
 
 def resolve_seed(seed: int | torch.Generator | None) -> int:

@@ -95,7 +95,6 @@ def kernel(op: KernelOperator) -> torch.Tensor:
 
 def exact_trace(op: KernelOperator) -> float:
     """``tr K`` without storing J or K."""
-    total = torch.zeros((), dtype=torch.float64)
     if isinstance(op, FactoredKernel):
 
         def side_trace(side: str) -> float:
@@ -103,6 +102,7 @@ def exact_trace(op: KernelOperator) -> float:
             return float(norms.sum())
 
         return _try_sides(op, None, side_trace)
+    total = torch.zeros((), dtype=torch.float64)
     for start, stop, E in _basis_chunks(op.dim, _chunk(op), op.dtype, op.device):
         total += op.matmat(E)[start:stop].double().diagonal().sum().cpu()
     return float(total)

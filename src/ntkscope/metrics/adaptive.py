@@ -2,7 +2,7 @@
 
 Every metric in :mod:`ntkscope.metrics` accepts ``rtol=``, ``atol=`` and ``max_passes=``.  The
 loop (:func:`drive`) runs the estimator at ``m`` probes, reads its standard error ``se`` (sample
-variance or jackknife over probes; XTrace's own exchangeable error estimate), stops when
+variance or jackknife over probes; XTrace: a grouped jackknife over test vectors), stops when
 
     se ≤ max(atol, rtol · |value|),
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import enum
 
+from ..core.choices import parse_choice
+
 __all__ = ["Method", "ONE_SIDED", "parse_method", "DEFAULT_PROBES", "EXACT_MAX_ENTRIES"]
 
 #: ``num_probes`` when none is given (and no tolerance either).
@@ -32,11 +34,11 @@ class Method(str, enum.Enum):
     * ``hutchpp``: Hutch++ — sketch, deflate, Hutchinson on the rest; error ``O(1/m)`` for
       decaying spectra, exact once the sketch spans K's range.  Best at high accuracy.
       2 passes per matvec, m split in thirds (Meyer, Musco, Musco, Woodruff, SOSA 2021).
-    * ``xtrace``: XTrace/XNysTrace — every probe serves as sketch and as residual probe, with
-      its own exchangeable error estimate; needs both modes like Hutch++.  XNysTrace (the
-      Nyström variant) runs for PSD operators: an NTK, G, K² (Epperly, Tropp, Webber, SIMAX
-      2024).  Half of m are test vectors.  Unbiased; the error estimate under-covers (read it
-      as an indicator).
+    * ``xtrace``: XTrace/XNysTrace — every probe serves as sketch and as residual probe;
+      needs both modes like Hutch++.  XNysTrace (the Nyström variant) runs for PSD operators:
+      an NTK, G, K² (Epperly, Tropp, Webber, SIMAX 2024).  Half of m are test vectors.
+      Unbiased; the error bar is a grouped jackknife of the whole estimator (its own
+      exchangeable estimate under-covers), conservative once m nears the dimension.
     * ``vjp``: one-sided ``E‖Jᵀw‖²``, probes in R^D, reverse mode only, 1 pass per probe;
       sample variance that of Hutchinson on K (it *is* Hutchinson's sample, at half the cost).
     * ``jvp``: one-sided ``E‖Ju‖²``, probes in R^P, forward mode only, 1 pass per probe;
@@ -72,8 +74,4 @@ ONE_SIDED = frozenset({Method.VJP, Method.JVP, Method.VJP_PROJ, Method.JVP_PROJ}
 
 def parse_method(method: str | Method) -> Method:
     """The :class:`Method` named by ``method``, or a ``ValueError`` listing the choices."""
-    try:
-        return Method(method)
-    except ValueError:
-        choices = ", ".join(repr(m.value) for m in Method)
-        raise ValueError(f"unknown method {method!r}; choose one of {choices}") from None
+    return parse_choice(Method, method, "method")

@@ -305,22 +305,22 @@ class RecurrenceOp(BatchedOp):
         gx = (GI.view(T * B * m, GH) @ Wih).view(T, B, m, I).permute(2, 0, 1, 3) if needs[0] else None
         gh0 = carry.permute(1, 0, 2) if need_h0 and carry is not None else None
         gc0 = ccarry.permute(1, 0, 2) if k == "lstm" and c0 is not None and needs[2] and ccarry is not None else None
-        needs_p = (*needs[3:5], bool(needs[5]) and bih is not None, bool(needs[6]) and bhh is not None)
-        return (gx, gh0, gc0, *self._parameter_adjoints(x, st["Hprev"], GI, GGn, (*needs[:3], *needs_p), m))
+        wanted = (bool(needs[3]), bool(needs[4]), bool(needs[5]) and bih is not None, bool(needs[6]) and bhh is not None)
+        return (gx, gh0, gc0, *self._parameter_adjoints(x, st["Hprev"], GI, GGn, wanted, m))
 
     def _parameter_adjoints(
-        self, x: torch.Tensor, Hprev: torch.Tensor, GI: torch.Tensor, GGn: Opt, needs: Sequence[bool], m: int
+        self, x: torch.Tensor, Hprev: torch.Tensor, GI: torch.Tensor, GGn: Opt, wanted: tuple[bool, bool, bool, bool], m: int
     ) -> tuple[Opt, Opt, Opt, Opt]:
         """Every probe's weight and bias gradients from the stored pre-activation adjoints.
 
         One GEMM ``[x, h_prev, 1]ᵀ · GI`` over all T·B steps gives ``W_ih``'s, ``W_hh``'s and the
         biases' gradients at once (GI is read once), in the orientation whose output is wide:
         ``GIᵀ · x`` with its few input columns ran 4× slower.  The GRU's candidate gate adds one
-        GEMM ``[h_prev, 1]ᵀ · GG_n``.  ``needs[3:7]`` says which of ``W_ih, W_hh, b_ih, b_hh`` are
+        GEMM ``[h_prev, 1]ᵀ · GG_n``.  ``wanted`` says which of ``W_ih, W_hh, b_ih, b_hh`` are
         wanted (False for an absent bias); gradients come back as strided views ``(m, G·H, ·)``."""
         T, B, I = x.shape
         H, GH = Hprev.shape[-1], GI.shape[-1]
-        w_ih, w_hh, b_ih, b_hh = (bool(n) for n in needs[3:7])
+        w_ih, w_hh, b_ih, b_hh = wanted
         ones = x.new_ones(T * B, 1)
         feats = [(x.reshape(T * B, I), w_ih), (Hprev.reshape(T * B, H), w_hh), (ones, b_ih or b_hh)]
         A = (torch.cat([f for f, w in feats if w], 1).T @ GI.view(T * B, m * GH)).view(-1, m, GH)
