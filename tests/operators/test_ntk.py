@@ -376,3 +376,21 @@ def test_one_sample_has_unknown_stderr() -> None:
         assert nk.trace(K, method=method, num_probes=1, seed=0).stderr == math.inf
     assert nk.trace(K, method="hutchpp", num_probes=3, seed=0).stderr == math.inf  # 1 residual probe
     assert math.isfinite(nk.trace(K, method="hutchinson", num_probes=2, seed=0).stderr)  # type: ignore[arg-type]
+
+
+def test_automatic_cpu_chunk_keeps_convolution_unfolds_reusable() -> None:
+    """A convolution with per-probe weights unfolds its input once per probe (C_in·∏k numbers per
+    output position): the automatic CPU chunk keeps those blocks under the allocator's reuse size."""
+    from ntkscope.core.memory import reusable_block_bytes
+    from ntkscope.operators.modules import saved_activations
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 16, 16)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 5, groups=4), nn.Flatten())
+    K = nk.NTK(model, x)
+    unfold = saved_activations(K._f, K.primals).largest_unfold
+    # the larger of the two: 8·16·16 positions × 3·9 columns, 8·12·12 positions × 16·25 columns
+    assert unfold == max(8 * 16 * 16 * 3 * 9, 8 * 12 * 12 * 16 * 25)
+    assert K.chunk_size * unfold * 4 <= reusable_block_bytes() < 2 * K.chunk_size * unfold * 4
+    dense = nk.NTK(nn.Sequential(nn.Flatten(), nn.Linear(768, 4)), x)
+    assert saved_activations(dense._f, dense.primals).largest_unfold == 0

@@ -3,12 +3,14 @@ what a forward saves for backward (the activations that size a chunk of probes).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .evaluators import quiet
 from .rules import shared_copy
@@ -190,10 +192,30 @@ class SavedActivations:
             one probe's pass carries through them.
         nbytes: bytes of the distinct storages those tensors keep alive — the memory the
             forward holds until its backward has run (a saved view keeps its whole storage).
+        largest_unfold: numbers in the largest unfolded input of a convolution (every output
+            position times ``C_in · ∏kernel``): with per-probe weights, a convolution unfolds
+            (im2col) its input once per probe, the largest block one probe's pass allocates.
     """
 
     numel: int
     nbytes: int
+    largest_unfold: int = 0
+
+
+class _WatchConvolutions(TorchDispatchMode):
+    """Records the largest unfolded input of the convolutions it sees run (it changes nothing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest_unfold = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.convolution.default and isinstance(out, torch.Tensor) and out.dim() > 2:
+            weight, groups = args[1], args[8]
+            columns = weight.shape[1] * math.prod(weight.shape[2:]) * groups  # C_in · ∏kernel
+            self.largest_unfold = max(self.largest_unfold, out.numel() // out.shape[1] * columns)
+        return out
 
 
 def saved_activations(fn: Callable[..., torch.Tensor], primals: Sequence[torch.Tensor]) -> SavedActivations:
@@ -229,7 +251,8 @@ def saved_activations(fn: Callable[..., torch.Tensor], primals: Sequence[torch.T
         return t
 
     leaves = [p.detach().requires_grad_() for p in primals]
+    watch = _WatchConvolutions()
     with torch.enable_grad(), quiet(), torch.random.fork_rng(devices=[]):
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), watch:
             fn(*leaves)
-    return SavedActivations(numel, nbytes)
+    return SavedActivations(numel, nbytes, watch.largest_unfold)

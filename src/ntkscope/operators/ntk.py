@@ -246,15 +246,17 @@ class NTK(FactoredKernel):
         with ``saved_tensors_hooks`` on one forward.  With rules, the rules' own per-probe blocks
         (which they report) count instead of the saved activations of the modules they replace.
         The same chunk serves both modes.  Budget: :func:`chunk_budget_bytes`; on the CPU the
-        probe and result blocks (chunk × P and chunk × D) also stay within
-        :func:`reusable_block_bytes`, so that the allocator reuses them from chunk to chunk
-        (the MLP's 66 MB blocks at 256 probes ran 1.3× slower than 33 MB ones at 128).
+        probe and result blocks (chunk × P and chunk × D) and a convolution's unfolded inputs
+        (chunk × the largest ``largest_unfold``) also stay within :func:`reusable_block_bytes`,
+        so that the allocator reuses them from chunk to chunk (the MLP's 66 MB blocks at 256
+        probes ran 1.3× slower than 33 MB ones at 128; the benchmark CNN, whose 147k-number
+        unfolded input made 150 MB blocks at 256 probes, ran 1.3–1.6× slower than at 64).
         """
-        saved, cap = _saved_probe_numel(fn, self.primals, rules)
+        saved, cap, unfold = _saved_probe_numel(fn, self.primals, rules)
         per_probe = self.dtype.itemsize * (self.dim + self.num_params + saved) * 2
         chunk = min(_MAX_AUTO_CHUNK, cap, chunk_budget_bytes(self.device) // per_probe)
         if self.device.type == "cpu":
-            reuse = reusable_block_bytes() // (self.dtype.itemsize * max(self.dim, self.num_params))
+            reuse = reusable_block_bytes() // (self.dtype.itemsize * max(self.dim, self.num_params, unfold))
             chunk = min(chunk, max(8, 1 << max(0, reuse.bit_length() - 1)) if reuse < chunk else chunk)
         return max(1, chunk)
 
@@ -332,16 +334,16 @@ class NTK(FactoredKernel):
         )
 
 
-def _saved_probe_numel(fn: Callable[..., torch.Tensor], primals: Sequence[torch.Tensor], rules: bool = False) -> tuple[int, int]:
-    """Numbers one probe's pass carries through the activations of ``fn`` (see
-    :func:`~ntkscope.operators.modules.saved_activations`) and a cap on the probes per chunk;
-    with ``rules``, plus the per-probe working set and the cap the rules report
-    (:mod:`ntkscope.operators.rules`)."""
+def _saved_probe_numel(fn: Callable[..., torch.Tensor], primals: Sequence[torch.Tensor], rules: bool = False) -> tuple[int, int, int]:
+    """Numbers one probe's pass carries through the activations of ``fn``, a cap on the probes
+    per chunk, and the numbers of the largest unfolded convolution input (see
+    :func:`~ntkscope.operators.modules.saved_activations`); with ``rules``, the per-probe
+    working set and the cap the rules report are included (:mod:`ntkscope.operators.rules`)."""
     try:
         with _rules.measure_probe_numel() as ruled:
-            saved = saved_activations(fn, primals).numel
+            saved = saved_activations(fn, primals)
     except Exception:  # a measurement only: fall back to D + P
-        return 0, _MAX_AUTO_CHUNK
+        return 0, _MAX_AUTO_CHUNK, 0
     if not rules:
-        return saved, _MAX_AUTO_CHUNK
-    return saved + ruled[0], ruled[1]
+        return saved.numel, _MAX_AUTO_CHUNK, saved.largest_unfold
+    return saved.numel + ruled[0], ruled[1], saved.largest_unfold
