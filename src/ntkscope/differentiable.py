@@ -42,7 +42,7 @@ from torch.func import functional_call, vjp
 
 from .core.probes import Probe, ProbeStream, parse_probe
 from .operators.evaluators import jvp_rows, pullback_rows, unflatten_rows
-from .operators.modules import check_no_dropout, select_output, split_inputs
+from .operators.modules import analysis_module, check_no_dropout, select_output, split_inputs
 from .operators.rules import math_attention
 
 __all__ = [
@@ -158,11 +158,12 @@ def ntk_vectors(
     if params is None:
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     args, kwargs = split_inputs(inputs)
+    net = analysis_module(model)  # sharing the Parameters (their .grad fills), never rebinding the model's
 
     def fn(values: dict[str, torch.Tensor]) -> torch.Tensor:
         # fused attention kernels have no double backward / forward AD: use the MATH backend
         with math_attention():
-            out = functional_call(model, values, args, kwargs, strict=False)
+            out = functional_call(net, values, args, kwargs, strict=False)
         return select_output(out, output)
 
     return function_vectors(fn, params, probes, side=side, chunk_size=chunk_size)

@@ -110,6 +110,32 @@ def test_rows_agree_with_the_api_and_exact_kernel() -> None:
         assert r["trace"] == nk.trace(nk.NTK(model, Xp), method="vjp", num_probes=16, seed=7).value
 
 
+def test_k0_keeps_the_buffers_of_initialisation() -> None:
+    """K_0 is the kernel at the parameters *and* buffers of initialisation: a BatchNorm model's
+    running stats move while it trains, and K_0 must not follow them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 3)).double()
+    X, y = torch.randn(40, 6, dtype=torch.float64), torch.randint(0, 3, (40,))
+    Xp = X[:8]
+    K_init = nk.NTK(model.eval(), Xp, params={n: p.detach().clone() for n, p in model.named_parameters()})
+    model.train()
+    mon = nk.Monitor(model, Xp, every=10, method="exact", metrics=("kernel_alignment",), loggers=())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(10):
+        loss = nn.functional.cross_entropy(model(X), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    row = mon.step(10)
+    assert row is not None
+    truth = nk.alignment(nk.NTK(model.eval(), Xp), K_init, method="exact").value
+    live = nk.alignment(nk.NTK(model, Xp), nk.NTK(model, Xp, params=mon.init), method="exact").value
+    assert row["kernel_alignment"] == pytest.approx(truth, rel=1e-9)
+    assert abs(live - truth) > 1e-3  # K_0 with today's running stats is a different kernel
+    with pytest.raises(ValueError, match=r"buffers=\['nope'\] are not buffers"):
+        nk.NTK(model, Xp, buffers={"nope": torch.zeros(1)})
+
+
 def test_bad_arguments_are_named() -> None:
     model, _, _, Xp, yp = _problem()
     with pytest.raises(ValueError, match="unknown metric"):

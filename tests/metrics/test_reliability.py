@@ -266,12 +266,22 @@ def test_training_plots_say_what_the_bars_are_and_use_whole_steps(tmp_path: Path
         (["--rtol", "-1"], "--rtol"),
         (["--probe-kind", "orthogonal"], "trace only"),
         (["--model", "FACT:frozen"], "no trainable parameters"),
+        (["--method", "vjp_proj"], "trace only"),
+        (["track", "--method", "bogus"], "unknown --method"),
+        (["track", "--method", "jvp_proj"], "trace only"),
+        (["track", "--optimizer", "rmsprop"], "unknown --optimizer"),
+        (["track", "--init-scale", "0"], "--init-scale must be a finite number > 0"),
+        (["track", "--lr", "nan"], "--lr must be a finite number > 0"),
+        (["run", "--method", "bogus"], "unknown --method"),
+        (["run", "--method", "vjp_proj"], "trace only"),
     ],
 )
 def test_usage_errors_exit_2_with_one_line(factories: Path, tmp_path: Path, args: list[str], needle: str) -> None:
+    """Every usage error exits 2 at once, before a model is loaded or trained (``run`` trains two)."""
     args = [a.replace("FACT", str(factories)) for a in args]
-    model = [] if "--model" in args else ["--model", f"{factories}:small"]
-    r = _cli("estimate", *model, *args, "-q", cwd=tmp_path)
+    command, args = (args[0], args[1:]) if args[0] in ("track", "run") else ("estimate", args)
+    model = [] if "--model" in args or command == "run" else ["--model", f"{factories}:small"]
+    r = _cli(command, *model, *args, "-q", cwd=tmp_path)
     assert r.returncode == 2, r.stderr
     last = r.stderr.strip().splitlines()
     assert len(last) == 1 and last[0].startswith("error: ") and needle in last[0]
@@ -325,3 +335,150 @@ def test_readme_lstm_line_shows_the_paths_that_ran() -> None:
     out: dict = {}
     exec(line.replace("print(", "out['v'] = ("), {"nk": nk, "torch": torch, "x": x, "out": out})
     assert isinstance(out["v"], dict) and out["v"] and all(v is not None for v in out["v"].values())
+
+
+# -- a new user's session (stop 20): each of these was wrong or unclear before -------------------
+
+
+class _TwoNames(torch.nn.Module):
+    """One Linear registered under two attribute names (``self.a is self.b``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        lin = torch.nn.Linear(5, 5)
+        self.a = lin
+        self.b = lin
+        self.c = torch.nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.tanh(self.b(torch.sin(self.a(x)))))
+
+
+def test_a_module_under_two_names_keeps_its_parameters_and_trains() -> None:
+    torch.manual_seed(0)
+    model = _TwoNames().double()
+    before = {n: p for n, p in model.named_parameters(remove_duplicate=False)}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(6, 5, dtype=torch.float64)
+    K = nk.NTK(model, x)
+    for method in ("jvp", "vjp", "exact"):
+        nk.trace(K, method=method, num_probes=8, seed=0)
+    after = dict(model.named_parameters(remove_duplicate=False))
+    assert after.keys() == before.keys()
+    assert all(after[n] is p and isinstance(p, torch.nn.Parameter) and p.requires_grad for n, p in before.items())
+    w = model.a.weight.detach().clone()
+    opt.zero_grad()
+    model(x).square().sum().backward()
+    opt.step()
+    assert not torch.equal(model.a.weight.detach(), w)  # the optimizer still trains the shared layer
+
+
+def test_hidden_ntk_of_a_submodule_behind_train_mode_batchnorm() -> None:
+    """``hidden_ntk(..., submodule=)`` runs on the analysis copy: batch statistics, no running
+    stats moved, no hooks left on the user's modules; every mode agrees with the exact trace."""
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn, self.rnn, self.out = torch.nn.BatchNorm1d(3), torch.nn.GRU(3, 5, batch_first=True), torch.nn.Linear(5, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(self.rnn(self.bn(x.transpose(1, 2)).transpose(1, 2))[0])
+
+    torch.manual_seed(0)
+    net = Net().double().train()
+    x = torch.randn(2, 4, 3, dtype=torch.float64)
+    stats = [t.clone() for t in net.bn.buffers()]
+    K = nk.hidden_ntk(net, x, submodule="rnn")
+    exact = nk.trace(K, method="exact")
+    for method in ("jvp", "vjp"):
+        e = nk.trace(K, method=method, num_probes=400, seed=1)
+        assert abs(e.value - exact.value) < 4 * e.stderr, (method, e, exact)
+    assert all(torch.equal(a, b) for a, b in zip(stats, net.bn.buffers()))
+    assert not net.rnn._forward_hooks and not net.rnn._forward_pre_hooks
+    # batch statistics: the same GRU in eval mode (running stats at their defaults) differs
+    eval_exact = nk.trace(nk.hidden_ntk(net.eval(), x, submodule="rnn"), method="exact")
+    assert abs(eval_exact.value - exact.value) > 1e-3 * exact.value
+
+
+def test_targets_must_have_the_state_shape_not_just_its_size() -> None:
+    K = _tiny()  # state (6, 3)
+    y = torch.randn(6, 3, dtype=torch.float64)
+    a = nk.target_alignment(K, y, method="exact").value
+    assert nk.target_alignment(K, y.reshape(-1), method="exact").value == pytest.approx(a, rel=1e-12)
+    assert nk.target_alignment(K, y[:, :, None], method="exact").value == pytest.approx(a, rel=1e-12)
+    with pytest.raises(ValueError, match=r"targets of shape \(3, 6\) do not match the state of shape \(6, 3\)"):
+        nk.target_alignment(K, y.T, method="exact")
+
+
+def test_inputs_that_require_grad_are_detached() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    K = nk.NTK(model, x * 2)  # a non-leaf with a graph back to x
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        e = nk.trace(K, method="jvp", num_probes=20, seed=0)
+    assert not K.state.requires_grad and x.grad is None
+    assert e.value == nk.trace(nk.NTK(model, (x * 2).detach()), method="jvp", num_probes=20, seed=0).value
+
+
+def test_an_output_index_on_a_single_tensor_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"output=0 indexes a tuple or list .* one tensor of shape \(4, 2\)"):
+        nk.NTK(torch.nn.Linear(3, 2), torch.randn(4, 3), output=0)
+
+
+def test_no_forward_mode_says_so_in_one_line_and_names_the_way_out() -> None:
+    class Bag(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.e, self.o = torch.nn.EmbeddingBag(10, 4), torch.nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.o(self.e(x))
+
+    torch.manual_seed(0)
+    K = nk.NTK(Bag().double(), torch.randint(0, 10, (3, 5)))
+    with pytest.raises(RuntimeError) as info:
+        nk.trace(K, method="jvp", num_probes=4, seed=0)
+    first, *rest = str(info.value).splitlines()
+    assert "_embedding_bag" in first and "method='vjp'" in first
+    assert len([line for line in rest if line.startswith("  ")]) == 2  # 7 paths, 2 distinct errors
+    assert nk.trace(K, method="vjp", num_probes=4, seed=0).value > 0
+
+
+def test_model_files_import_as_modules_and_track_makes_its_directory(tmp_path: Path) -> None:
+    """A model file with ``from __future__ import annotations`` and a dataclass (which looks its
+    module up in ``sys.modules``) loads; ``track --out runs/x.csv`` creates ``runs/``; a resumed
+    run refuses a different ``--method`` instead of dropping it."""
+    (tmp_path / "m.py").write_text(
+        textwrap.dedent(
+            """
+            from __future__ import annotations
+            import dataclasses
+            import torch
+
+
+            @dataclasses.dataclass
+            class Config:
+                width: int = 6
+
+
+            def make():
+                torch.manual_seed(0)
+                net = torch.nn.Sequential(torch.nn.Linear(4, Config().width), torch.nn.Tanh(), torch.nn.Linear(Config().width, 2))
+                return net, torch.randn(5, 4), torch.randint(0, 2, (5,))
+            """
+        )
+    )
+    r = _cli("estimate", "-m", f"{tmp_path / 'm.py'}:make", "--method", "exact", "-q", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    common = ("-m", f"{tmp_path / 'm.py'}:make", "--out", "runs/x.csv", "--every", "2", "-n", "4", "-q", "--no-plots")
+    r = _cli("track", *common, "--steps", "2", "--method", "vjp", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "runs" / "x.csv").is_file()
+    r = _cli("track", *common, "--steps", "4", "--method", "hutchpp", "--resume", cwd=tmp_path)
+    assert r.returncode == 2 and "method: interrupted run 'vjp', now 'hutchpp'" in r.stderr, r.stderr
+    assert _cli("--version", cwd=tmp_path).stdout.startswith("ntkscope ")

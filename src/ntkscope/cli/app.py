@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -61,6 +62,23 @@ app = typer.Typer(
 )
 
 err_console = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        print(f"ntkscope {version('ntkscope')} (torch {torch.__version__})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool, typer.Option("--version", help="Print the versions of ntkscope and torch, then exit.", callback=_version, is_eager=True)
+    ] = False,
+) -> None:
+    """Measure the empirical NTK of PyTorch models without forming it."""
 
 
 def _init_distributed() -> bool:
@@ -211,6 +229,7 @@ def run(
     quiet: QuietOpt = False,
 ) -> None:
     """The built-in demo: train a small MLP (sklearn digits) and a small GRU (3-bit flip-flop) briefly, then estimate trace, Frobenius norm, effective rank and kernel-target alignment of each NTK with ± stderr, AD passes and wall time, next to the exact values and the speed-up."""  # noqa: E501
+    _check_method(method, [m for m in compare.METRICS if m != "trace"] if method.endswith("_proj") else [])
     main_process = _init_distributed()
     t0 = time.perf_counter()
     with _errors(), _progress(quiet or not main_process) as update:
@@ -293,11 +312,20 @@ def estimate(
         _print_results([res], f"NTK of {spec.name} ({num_probes} probes, seed {seed})", time.perf_counter() - t0, as_json, extra)
 
 
-def _check_estimate_options(method: str, probe_kind: str | None, rtol: float | None, names: list[str]) -> None:
-    """Usage errors in the estimation options: exit 2 before any model is loaded."""
+def _check_method(method: str, names: Sequence[str]) -> None:
+    """An unknown ``--method``, or one that cannot estimate every metric asked for: exit 2
+    before any model is loaded or trained."""
     methods = [m.value for m in Method]
     if method not in methods:
         raise _fail(f"unknown --method {method!r}; choose one of {', '.join(methods)}", EXIT_USAGE)
+    if method in (Method.VJP_PROJ.value, Method.JVP_PROJ.value) and any(n != "trace" for n in names):
+        others = ", ".join(n for n in names if n != "trace")
+        raise _fail(f"--method {method} estimates the trace only (not {others}): add --metrics trace, or use vjp/jvp", EXIT_USAGE)
+
+
+def _check_estimate_options(method: str, probe_kind: str | None, rtol: float | None, names: list[str]) -> None:
+    """Usage errors in the estimation options: exit 2 before any model is loaded."""
+    _check_method(method, names)
     kinds = [p.value for p in Probe]
     if probe_kind is not None and probe_kind not in kinds:
         raise _fail(f"unknown --probe-kind {probe_kind!r}; choose one of {', '.join(kinds)}", EXIT_USAGE)
@@ -355,6 +383,12 @@ def track(
     """Train a model and record its NTK metrics every --every steps: trace, effective rank, alignment of K_t with K_0 (how far the kernel moved) and kernel-target alignment, each ± stderr.
 
     Ctrl-C keeps every row written so far; run the same command with --resume to continue; the rows equal those of an uninterrupted run (fixed probe seeds per step, checkpointed model, optimizer and RNG)."""  # noqa: E501
+    _check_method(method, tr.TRACK_METRICS)
+    if optimizer not in ("sgd", "adam"):
+        raise _fail(f"unknown --optimizer {optimizer!r}; choose sgd or adam", EXIT_USAGE)
+    for flag, value in (("--lr", lr), ("--init-scale", init_scale)):
+        if not (math.isfinite(value) and value > 0):
+            raise _fail(f"{flag} must be a finite number > 0, got {value!r}", EXIT_USAGE)
     main_process = _init_distributed()
     quiet = quiet or not main_process
     with _errors():

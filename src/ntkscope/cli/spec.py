@@ -123,9 +123,12 @@ def _import_file(path: Path) -> Any:
         raise SpecError(f"cannot import {path} as a Python file")
     module = importlib.util.module_from_spec(spec)
     sys.path.insert(0, str(path.parent))  # let the user's file import its neighbours
+    # registered while it runs, as `import` does: dataclasses, pickling and typing look it up there
+    sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
     except BaseException as e:
+        sys.modules.pop(name, None)
         if isinstance(e, KeyboardInterrupt):
             raise
         raise UserCodeError(f"{path.name} failed to import: {type(e).__name__}: {e}", _user_traceback(e, path)) from e

@@ -70,6 +70,7 @@ def checkpoint_path(csv_path: str | Path) -> Path:
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)  # a checkpoint is either the old one or the new one, never half of each
@@ -118,7 +119,8 @@ def _restore(spec: Spec, opt: torch.optim.Optimizer, out: Path, config: Mapping[
         raise FileNotFoundError(f"nothing to resume: {out} or its checkpoint {ckpt_path.name} is missing")
     state = torch.load(ckpt_path, weights_only=True)
     saved = state["config"]
-    diff = {k: (saved.get(k), v) for k, v in config.items() if k != "steps" and saved.get(k) != v}
+    # (a key the checkpoint lacks was added after it was written: nothing to compare)
+    diff = {k: (saved.get(k), v) for k, v in config.items() if k != "steps" and k in saved and saved[k] != v}
     if diff:
         detail = ", ".join(f"{k}: interrupted run {a!r}, now {b!r}" for k, (a, b) in diff.items())
         raise SettingsMismatchError(f"--resume with different settings than the interrupted run ({detail})")
@@ -185,6 +187,7 @@ def track(
         "num_probes": num_probes,
         "seed": seed,
         "model": spec.name,
+        "method": method,
     }
     opt = make_optimizer(spec.model, optimizer, lr)
     state: dict[str, Any] | None = None

@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import contextvars
 import datetime
 import os
 import time
@@ -158,8 +159,9 @@ def _destroy() -> None:
 
 # -- probe-parallel ------------------------------------------------------------------------------
 
-#: Set while a probe-parallel executor evaluates its rows (ShardedNTK checks compatibility).
-_ACTIVE: Any = None
+#: The probe-parallel executor evaluating its rows in this context, if any (ShardedNTK checks
+#: compatibility; a nested map_probes runs locally).
+_ACTIVE: contextvars.ContextVar[ProbeParallel | None] = contextvars.ContextVar("ntkscope_active_probe_parallel", default=None)
 
 
 def split_probes(m: int, n: int) -> list[int]:
@@ -191,9 +193,8 @@ class ProbeParallel:
         self.stats = CommStats()
 
     def __call__(self, m: int, chunk: int, fn: executor.ProbeFn) -> torch.Tensor:
-        global _ACTIVE
         # a map_probes nested inside another's rows runs locally: ranks are on different rows there
-        if self.size == 1 or m == 0 or _ACTIVE is not None:
+        if self.size == 1 or m == 0 or _ACTIVE.get() is not None:
             t = time.perf_counter()
             out = executor.local_executor(m, chunk, fn)
             self.stats.compute_s += time.perf_counter() - t
@@ -204,14 +205,14 @@ class ProbeParallel:
         t0 = time.perf_counter()
         rows: torch.Tensor | None = None
         error: BaseException | None = None
-        prev, _ACTIVE = _ACTIVE, self
+        token = _ACTIVE.set(self)
         try:
             if stop > start:
                 rows = torch.cat([fn(s, min(stop, s + chunk)) for s in range(start, stop, chunk)], 0)
         except Exception as e:  # agreed on below, so that no rank waits for this one
             error = e
         finally:
-            _ACTIVE = prev
+            _ACTIVE.reset(token)
         self.stats.compute_s += time.perf_counter() - t0
         self.stats.rows += stop - start
         return gather_rows(self.group, rows, error, self.stats)
@@ -383,7 +384,7 @@ class ShardedNTK(FactoredKernel):
     # -- products ---------------------------------------------------------------------------------
 
     def _check_executor(self) -> None:
-        ex = _ACTIVE
+        ex = _ACTIVE.get()
         if ex is None or ex.size == 1 or id(ex) in self._checked:
             return
         me = dist.get_rank()
@@ -479,8 +480,10 @@ class ShardedNTK(FactoredKernel):
 def job_passes(estimate: Any, group: Group = None) -> dict[str, int]:
     """AD passes of ``estimate`` summed over the ranks of ``group`` (the whole job's work).
 
-    Collective.  ``Estimate`` fields are per-rank; replicated work (pilots, exact parts) is done
-    — and so counted — once per rank.
+    Collective.  A probe-parallel estimate already holds the totals (its own share is in
+    ``info["rank_passes"]``) and is returned as it is; otherwise (data-parallel shards, or work
+    each rank did on its own) the per-rank counts are summed, replicated work (pilots, exact
+    parts) once per rank.
     """
     if "rank_passes" in getattr(estimate, "info", {}):  # already summed over the probe-splitting ranks
         return {"jvp_passes": int(estimate.jvp_passes), "vjp_passes": int(estimate.vjp_passes)}

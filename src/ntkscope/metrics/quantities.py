@@ -192,8 +192,14 @@ def as_targets(targets: Any, op: KernelOperator) -> torch.Tensor:
                 raise ValueError(f"class labels must lie in [0, {shape[-1]}), got range [{int(y.min())}, {int(y.max())}]")
             y = torch.nn.functional.one_hot(y.long(), shape[-1])
         y = y.to(op.dtype)
-    if y.numel() != op.dim:
-        raise ValueError(f"targets of shape {tuple(y.shape)} do not match the state of shape {tuple(shape)} ({op.dim} numbers)")
+    # the state's shape (up to axes of size 1) or D flat numbers: a transposed (C, B) block has
+    # D numbers too, and reshaping it onto a (B, C) state would pair targets with the wrong outputs
+    same = [d for d in y.shape if d != 1] == [d for d in shape if d != 1]
+    if y.numel() != op.dim or not (same or y.dim() == 1):
+        raise ValueError(
+            f"targets of shape {tuple(y.shape)} do not match the state of shape {tuple(shape)}: pass the state's "
+            f"shape or {op.dim} flat numbers"
+        )
     y = y.reshape(-1).to(device=op.device, dtype=op.dtype)
     if not torch.isfinite(y).all():
         raise ValueError("targets contain non-finite values")

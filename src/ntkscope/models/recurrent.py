@@ -36,7 +36,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..operators import rules as _rules
-from ..operators.modules import check_no_dropout, select_params
+from ..operators.modules import analysis_module, check_no_dropout, select_params
 from ..operators.ntk import NTK
 from .axes import BATCH, DIRECTION, HIDDEN, LAYER, TIME
 
@@ -275,7 +275,7 @@ def _submodule_ntk(
     def hook(mod: nn.Module, args: tuple[Any, ...], out: Any) -> None:
         captured.append(out[0])
 
-    def run(p: dict[str, torch.Tensor], x: Any, net: nn.Module = model) -> torch.Tensor:
+    def run(p: dict[str, torch.Tensor], x: Any, net: nn.Module) -> torch.Tensor:
         captured.clear()
         part = net.get_submodule(submodule)
         handles = [part.register_forward_pre_hook(pre_hook, with_kwargs=True), part.register_forward_hook(hook)]
@@ -294,9 +294,11 @@ def _submodule_ntk(
     names, primals, fixed = select_params(model, params)
     values = {**fixed, **dict(zip(names, primals))}
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    # hooks go on a copy sharing the tensors; train-mode norm layers use batch statistics there
+    model = analysis_module(model)
 
     def fn(p: dict[str, torch.Tensor], x: Any) -> torch.Tensor:
-        return run({**values, **buffers, **p}, x)
+        return run({**values, **buffers, **p}, x, model)
 
     ruled_model, ruled_names = _rules.substitute(model)
     ruled = None

@@ -172,20 +172,24 @@ class Monitor:
         self._last_step: int | None = None
         # K_0: a snapshot of the trainable parameters (one copy of them) when alignment with it is asked for
         self.init: dict[str, torch.Tensor] | None = None
+        self.init_buffers: dict[str, torch.Tensor] | None = None
         if "kernel_alignment" in metrics:
             self.init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+            # and the buffers: K_0 of a BatchNorm model must not follow the running stats
+            self.init_buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
         self.method = method  # "auto" is resolved at the first record, in that record's (maybe probe-parallel) context
 
     # -- kernels (a wrapper such as an α-scaled model plugs in here) -------------------------
 
-    def kernel(self, params: Mapping[str, torch.Tensor] | None = None) -> Any:
-        """The NTK of the monitored model on the analysis inputs (at ``params`` if given)."""
-        return NTK(self.model, self.inputs, output=self.output, params=params)
+    def kernel(self, params: Mapping[str, torch.Tensor] | None = None, buffers: Mapping[str, torch.Tensor] | None = None) -> Any:
+        """The NTK of the monitored model on the analysis inputs (at ``params`` and ``buffers``
+        if given)."""
+        return NTK(self.model, self.inputs, output=self.output, params=params, buffers=buffers)
 
     def _resolve(self, method: str) -> str:
         if method != "auto":
             return method
-        K = self.kernel(self.init)
+        K = self.kernel(self.init, self.init_buffers)
         chosen = mt.effective_rank(K, method="auto", num_probes=self.num_probes, seed=self.seed).method
         return chosen if chosen in _RESOLVABLE else "vjp"
 
@@ -221,7 +225,7 @@ class Monitor:
             ests: dict[str, Any] = {}
             for m in self.metrics:
                 if m == "kernel_alignment":
-                    ests[m] = mt.alignment(Kt, self.kernel(self.init), **kw)
+                    ests[m] = mt.alignment(Kt, self.kernel(self.init, self.init_buffers), **kw)
                 elif m == "target_alignment":
                     ests[m] = mt.target_alignment(Kt, self.targets, **kw)
                 else:
@@ -269,6 +273,7 @@ class Monitor:
         """What a resumed run needs: ``K_0``'s parameters, the resolved method, the rows, the settings."""
         return {
             "init": self.init,
+            "init_buffers": self.init_buffers,
             "method": self.method,
             "rows": [dict(r) for r in self.rows],
             "last_step": self._last_step,
@@ -288,6 +293,9 @@ class Monitor:
         init = state.get("init")
         if init is not None:
             self.init = {n: t.to(self.device) for n, t in init.items()}
+        init_buffers = state.get("init_buffers")  # absent from runs saved before it was kept
+        if init_buffers is not None:
+            self.init_buffers = {n: t.to(self.device) for n, t in init_buffers.items()}
         self.method = str(state["method"])
         self.rows = [dict(r) for r in state.get("rows", [])]
         self._last_step = state.get("last_step")

@@ -212,7 +212,7 @@ class Evaluator:
                 errors.append(f"{p.name}: {type(e).__name__}: {e}")
                 if self.forced[mode] or len(order) == 1:
                     self.broken[mode] = RuntimeError("; ".join(errors))
-                    raise RuntimeError(f"no {mode.upper()} evaluation path works for this model:\n  " + "\n  ".join(errors)) from e
+                    raise RuntimeError(no_path_message(mode, errors)) from e
                 order.pop(0)
                 continue
             outs.append(_cat(out) if reduce is None else reduce(out))
@@ -220,6 +220,20 @@ class Evaluator:
             self.paths[mode] = p
             order = [p]
         return torch.cat(outs, 0) if len(outs) > 1 else outs[0]
+
+
+def no_path_message(mode: str, errors: list[str]) -> str:
+    """One line saying what failed (and, for the JVP, what to use instead), then each path's
+    error once: the paths mostly fail on the same missing rule."""
+    first = errors[0].split(": ", 1)[-1].splitlines()[0][:300]
+    head = f"no {mode.upper()} evaluation path works for this model ({first})"
+    if mode == "jvp":
+        head += "; forward-mode AD is unavailable here: method='vjp' (the one-sided trace and norms) needs only reverse mode"
+    seen: dict[str, list[str]] = {}
+    for err in errors:
+        name, _, msg = err.partition(": ")
+        seen.setdefault(msg.strip()[:500], []).append(name)
+    return head + "".join(f"\n  {', '.join(names)}: {msg}" for msg, names in seen.items())
 
 
 # -- one chunk of probes through torch.func: shared by the Evaluator and ntkscope.differentiable --

@@ -11,6 +11,7 @@ from typing import Any, TypeGuard
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
 
 from .evaluators import quiet
 from .rules import shared_copy
@@ -18,6 +19,7 @@ from .rules import shared_copy
 __all__ = [
     "select_params",
     "analysis_module",
+    "detached",
     "check_no_dropout",
     "split_inputs",
     "tensors",
@@ -75,20 +77,32 @@ def select_params(
     return names, primals, fixed
 
 
+def detached(inputs: Any) -> Any:
+    """``inputs`` with every tensor in (nested) tuples, lists and dicts detached: the NTK is
+    taken with respect to parameters, and results must not carry a graph back to the inputs."""
+    return tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, inputs)
+
+
 def analysis_module(model: nn.Module, *, eval_mode: bool = False) -> nn.Module:
     """The module an analysis runs instead of ``model``: a shallow copy (:func:`~ntkscope.operators.rules.shared_copy`)
     that shares every parameter and buffer tensor (no memory) and only rebinds attributes.
 
     * ``eval_mode=False`` (:class:`~ntkscope.operators.NTK`): train-mode norm layers normalise with
       batch statistics but keep no running stats — a train-mode BatchNorm updates them in place,
-      which ``torch.func`` cannot trace and which must not move the user's buffers.  Without
-      such layers the model itself is returned.
+      which ``torch.func`` cannot trace and which must not move the user's buffers.
     * ``eval_mode=True`` (:func:`~ntkscope.models.transformer.transformer_ntk`): the copy in
-      eval mode (dropout off), always a copy, so the caller may hook its submodules.
+      eval mode (dropout off).
+    * a module registered under two names (``self.a = self.b = lin``): a copy too, since
+      ``functional_call`` on the model itself rebinds and restores its parameters through both
+      names and left plain tensors where its Parameters were (an optimizer built before then
+      no longer trained that layer).
 
-    The model itself, its mode and its hooks are never changed.
+    Otherwise the model itself is returned (the analysis sees later changes to its attributes,
+    as a plain ``functional_call`` would).  The model itself, its mode and its hooks are never
+    changed.
     """
-    if not eval_mode and not any(_updates_running_stats(m) for m in model.modules()):
+    aliased = len(list(model.named_modules(remove_duplicate=False))) != len(list(model.named_modules()))
+    if not eval_mode and not aliased and not any(_updates_running_stats(m) for m in model.modules()):
         return model
     try:
         clone = shared_copy(model)
@@ -177,9 +191,20 @@ def select_output(out: Any, output: int | str | Callable[[Any], torch.Tensor] | 
     if callable(output):
         return output(out)
     if isinstance(output, int):
+        if isinstance(out, torch.Tensor):  # out[0] would silently be the first sample
+            raise ValueError(
+                f"output={output} indexes a tuple or list the model returns, but it returned one tensor of shape "
+                f"{tuple(out.shape)}: leave output unset to use all of it (or pass a callable, e.g. lambda out: out[{output}])"
+            )
+        if isinstance(out, (tuple, list)) and not -len(out) <= output < len(out):
+            raise ValueError(f"output={output}: the model returned a {type(out).__name__} of {len(out)} items")
         return out[output]
     if isinstance(out, Mapping):
+        if output not in out:
+            raise ValueError(f"output={output!r} is not a key of the model's return value; its keys are {list(out)}")
         return out[output]
+    if not hasattr(out, output):
+        raise ValueError(f"output={output!r}: the model's {type(out).__name__} return value has no such attribute")
     return getattr(out, output)
 
 

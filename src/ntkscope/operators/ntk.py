@@ -22,6 +22,7 @@ from .modules import (
     check_finite_inputs,
     check_no_dropout,
     describe_inputs,
+    detached,
     inputs_equal,
     saved_activations,
     select_output,
@@ -50,6 +51,9 @@ class NTK(FactoredKernel):
         params: ``None`` (all parameters with ``requires_grad``), an iterable of names or of
             the model's parameters, or a dict ``name -> tensor`` whose values replace the
             model's (e.g. a snapshot from initialisation: the NTK at that point).
+        buffers: a dict ``name -> tensor`` of buffer values (e.g. BatchNorm running stats) that
+            replace the model's; default: the model's buffers, copied now.  With ``params``, a
+            snapshot of both pins the kernel of an earlier point exactly.
         chunk_size: probes per vectorised batch; bounds memory.  Default: from D, P and dtype.
         jvp_path / vjp_path: force an evaluation path (see :attr:`paths`); default tries the
             fastest and falls back when a path fails (no forward-mode rule, ``vmap`` unsupported,
@@ -74,6 +78,7 @@ class NTK(FactoredKernel):
         *,
         output: int | str | Callable[[Any], torch.Tensor] | None = None,
         params: Mapping[str, torch.Tensor] | Iterable[str | torch.Tensor] | None = None,
+        buffers: Mapping[str, torch.Tensor] | None = None,
         chunk_size: int | None = None,
         jvp_path: str | None = None,
         vjp_path: str | None = None,
@@ -86,10 +91,14 @@ class NTK(FactoredKernel):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}; use NTK.from_function for functions")
         check_no_dropout(model)
         self.model = model
-        self.inputs = inputs
+        self.inputs = inputs = detached(inputs)
         self.output = output
         names, primals, fixed = select_params(model, params)
-        buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+        own = {n: b.detach().clone() for n, b in model.named_buffers()}
+        unknown = sorted(set(buffers or {}) - set(own))
+        if unknown:
+            raise ValueError(f"buffers={unknown} are not buffers of this {type(model).__name__}; it has {sorted(own)}")
+        buffers = {**own, **{n: b.detach() for n, b in (buffers or {}).items()}}
         module = _rules.analysis_copy(analysis_module(model))
         args, kwargs = split_inputs(inputs)
         self.param_names = names
@@ -138,7 +147,7 @@ class NTK(FactoredKernel):
                 raise TypeError(f"parameter {n!r} must be a floating-point tensor")
         self = cls.__new__(cls)
         self.model = None
-        self.inputs = inputs
+        self.inputs = inputs = detached(inputs)
         self.output = output
         names = list(params)
         self.param_names = names
