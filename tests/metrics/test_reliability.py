@@ -482,3 +482,25 @@ def test_model_files_import_as_modules_and_track_makes_its_directory(tmp_path: P
     r = _cli("track", *common, "--steps", "4", "--method", "hutchpp", "--resume", cwd=tmp_path)
     assert r.returncode == 2 and "method: interrupted run 'vjp', now 'hutchpp'" in r.stderr, r.stderr
     assert _cli("--version", cwd=tmp_path).stdout.startswith("ntkscope ")
+
+
+def test_hidden_ntk_of_a_submodule_counts_only_the_parameters_that_move_it() -> None:
+    """A readout after the recurrent submodule cannot move its states: by default it is not a
+    parameter of the kernel (an explicit ``params=`` still takes it, with a zero block)."""
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc, self.rnn, self.out = torch.nn.Linear(3, 3), torch.nn.GRU(3, 4), torch.nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(self.rnn(self.enc(x))[0])
+
+    torch.manual_seed(0)
+    net = Net().double()
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    K = nk.hidden_ntk(net, x, submodule="rnn")
+    assert [n.split(".")[0] for n in K.param_names] == ["enc"] * 2 + ["rnn"] * 4
+    every = nk.hidden_ntk(net, x, submodule="rnn", params=[n for n, _ in net.named_parameters()])
+    assert every.num_params == K.num_params + 10
+    assert nk.trace(every, method="exact").value == pytest.approx(nk.trace(K, method="exact").value, rel=1e-12)

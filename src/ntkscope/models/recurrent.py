@@ -300,6 +300,8 @@ def _submodule_ntk(
     def fn(p: dict[str, torch.Tensor], x: Any) -> torch.Tensor:
         return run({**values, **buffers, **p}, x, model)
 
+    if params is None:  # only the parameters that move the state: a readout after it does not
+        names, primals = _moving_params(fn, names, primals, inputs)
     ruled_model, ruled_names = _rules.substitute(model)
     ruled = None
     if ruled_model is not None:
@@ -312,6 +314,21 @@ def _submodule_ntk(
     K = RecurrentNTK.from_function(fn, dict(zip(names, primals)), inputs, chunk_size=chunk_size, ruled=ruled)
     axes = [*_seq_axes(sub.batch_first), *([DIRECTION] if nd == 2 else []), HIDDEN]
     return _finish(K, axes, f"{type(model).__name__}.{submodule}")
+
+
+def _moving_params(
+    fn: Callable[[dict[str, torch.Tensor], Any], torch.Tensor], names: list[str], primals: list[torch.Tensor], inputs: Any
+) -> tuple[list[str], list[torch.Tensor]]:
+    """The parameters the state depends on: those one backward of a forward reaches (others,
+    such as a readout after the recurrent submodule, are outside its graph)."""
+    leaves = [p.detach().requires_grad_() for p in primals]
+    with torch.enable_grad(), torch.random.fork_rng(devices=[]):
+        z = fn(dict(zip(names, leaves)), inputs)
+        grads = torch.autograd.grad(z, leaves, torch.ones_like(z), allow_unused=True)
+    keep = [i for i, g in enumerate(grads) if g is not None]
+    if not keep:
+        raise ValueError("no trainable parameter moves the state of the submodule")
+    return [names[i] for i in keep], [primals[i] for i in keep]
 
 
 # -- public entry points ------------------------------------------------------------------------
