@@ -77,3 +77,18 @@ def test_bad_arguments() -> None:
     before = {n: p.detach().clone() for n, p in inner.named_parameters()}
     AlphaScaled(inner, 2.0)
     assert all(torch.equal(p, before[n]) for n, p in inner.named_parameters())
+
+
+def test_the_reference_pass_moves_no_running_stats() -> None:
+    """In train mode only the model's own forward updates BatchNorm's running stats: the
+    reference pass f(θ₀, x) normalises with the same batch statistics and leaves them alone."""
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)).double().train()
+    plain = AlphaScaled(inner, 2.0)
+    twin = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)).double().train()
+    twin.load_state_dict(inner.state_dict())
+    out = plain(X)
+    twin(X)  # the model's own forward, once
+    assert torch.equal(out, torch.zeros(6, 3, dtype=torch.float64))  # batch statistics on both passes
+    for a, b in zip(inner[1].buffers(), twin[1].buffers()):
+        assert torch.equal(a, b)  # running stats moved once, as by one forward of the model

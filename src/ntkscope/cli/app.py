@@ -88,6 +88,14 @@ def _init_distributed() -> bool:
     return distributed.is_main_process()
 
 
+def _finish_distributed() -> None:
+    """A command that succeeded: under torchrun, every rank waits for the others before the
+    process group is torn down (a rank destroying it while a peer still talked to it made gloo
+    abort the process at exit, turning a good run into exit 1).  Failures skip this."""
+    with _errors():
+        distributed.shutdown()
+
+
 def _fail(message: str, code: int = EXIT_ERROR, details: str | None = None) -> typer.Exit:
     """Print the user's traceback (if any) then a one-line ``error:`` message; return the Exit."""
     if details:
@@ -243,6 +251,7 @@ def run(
             as_json,
             extra,
         )
+    _finish_distributed()
 
 
 @app.command()
@@ -310,6 +319,7 @@ def estimate(
     if main_process:
         extra = {"command": "estimate", "model": model, "seed": seed, "probes": num_probes, "method": method, "dtype": dtype}
         _print_results([res], f"NTK of {spec.name} ({num_probes} probes, seed {seed})", time.perf_counter() - t0, as_json, extra)
+    _finish_distributed()
 
 
 def _check_method(method: str, names: Sequence[str]) -> None:
@@ -458,6 +468,7 @@ def track(
             plot.training(rows, title=f"{spec.name}: NTK over training", path=all_png)
             if not quiet:
                 err_console.print(f"wrote {out} ({len(rows)} rows) and plots {all_png}, " + ", ".join(written), highlight=False)
+    _finish_distributed()
 
 
 def _plot_module() -> Any:

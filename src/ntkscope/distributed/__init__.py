@@ -83,6 +83,7 @@ from .comm import CommStats, Group, RankFailedError, comm_device, gather_rows, g
 
 __all__ = [
     "init_from_env",
+    "shutdown",
     "is_initialized",
     "is_main_process",
     "rank",
@@ -154,6 +155,20 @@ def init_from_env(timeout_s: float = 300.0, backend: str | None = None) -> bool:
 
 def _destroy() -> None:
     if is_initialized():
+        dist.destroy_process_group()
+
+
+def shutdown() -> None:
+    """End a job that succeeded on this rank: wait for every rank (a barrier, bounded by the
+    process group's timeout), then destroy the process group.  A rank that destroys it while a
+    peer is still sending made gloo abort the process at exit.  Failing paths skip this (the
+    ``atexit`` handler destroys the group without waiting for peers that may be gone)."""
+    if not is_initialized():
+        return
+    try:
+        if dist.get_world_size() > 1:
+            dist.barrier()
+    finally:
         dist.destroy_process_group()
 
 

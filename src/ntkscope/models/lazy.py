@@ -32,6 +32,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from ..operators.modules import analysis_module
+
 __all__ = ["AlphaScaled"]
 
 
@@ -101,8 +103,10 @@ class AlphaScaled(nn.Module):
 
     def reference(self, *args: Any, **kwargs: Any) -> Any:
         """``f(θ₀, x)`` (no gradient)."""
+        # on the analysis module: a module under two names keeps its Parameters, and train-mode
+        # BatchNorm normalises with batch statistics without moving its running stats twice a step
         with torch.no_grad():
-            return functional_call(self.model, self.initial_parameters(), args, kwargs, strict=False)
+            return functional_call(analysis_module(self.model), self.initial_parameters(), args, kwargs, strict=False)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         out = self.model(*args, **kwargs)
