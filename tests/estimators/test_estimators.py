@@ -312,10 +312,17 @@ def test_hutchpp_exact_for_low_rank(generic: bool) -> None:
     Kd = J @ J.T
     K = nk.DenseOperator(Kd) if generic else nk.NTK.from_jacobian(J)
     tr, fro2 = float(torch.trace(Kd)), float(Kd.square().sum())
+    if not generic:
+        # the factored kernel runs on G = JᵀJ (3×3): 3 one-sided passes give it exactly, fewer
+        # than any Hutch++ budget of 2 or more probes (2 passes each), so that is what runs
+        for m in (2, 12):
+            e = nk.trace(K, method="hutchpp", num_probes=m, seed=0)
+            assert e.exact and e.passes == 3 and "covers the exact cost of 3" in e.info["variants"][0]
+            assert abs(e.value - tr) < 1e-10 * tr
+        return
     for seed in range(5):
         e = nk.trace(K, method="hutchpp", num_probes=12, seed=seed)  # 4 sketch columns ≥ rank 3
-        # the factored kernel runs on G = JᵀJ (3×3, smaller than K): its sketch is capped at 3
-        assert abs(e.value - tr) < 1e-10 * tr and e.info["sketch_size"] == (4 if generic else 3)
+        assert abs(e.value - tr) < 1e-10 * tr and e.info["sketch_size"] == 4 and not e.exact
         f = nk.frobenius_norm(K, method="hutchpp", num_probes=12, seed=seed, squared=True)
         assert abs(f.value - fro2) < 1e-10 * fro2
     e = nk.trace(K, method="hutchpp", num_probes=6, seed=0)  # 2 sketch columns < rank: not exact

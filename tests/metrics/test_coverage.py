@@ -2,8 +2,8 @@
 
 Kernels are ``NTK.from_jacobian`` factors ``J = U diag(√λ) Vᵀ`` with a known spectrum
 ``λ_i = 1/i`` (D = 60, P = 90), so every exact value is known; each metric is estimated under
-200 seeds at a budget where the normal approximation holds (m = 120 probes), for the one-sided
-methods and Hutch++; every method, at budgets from 2 probes to min(D, P), further below.  The binomial
+200 seeds at a budget where the normal approximation holds (m = 120 probes; Hutch++ on one kernel
+28, below the exact cost it would switch to), for the one-sided methods and Hutch++; every method, at budgets from 2 probes to min(D, P), further below.  The binomial
 standard deviation of a measured coverage over 200 runs is 1.5 %, so the 90–99 % band is
 about ±3σ around 95 %: a calibrated estimator passes, a stderr off by 30 % fails.
 """
@@ -62,7 +62,10 @@ def coverage(fn, truth: float, method: str, m: int, seeds: int = SEEDS) -> float
 @pytest.mark.parametrize("quantity", ["frobenius_norm", "effective_rank", "alignment", "target_alignment"])
 @pytest.mark.parametrize("method", ["vjp", "jvp", "hutchpp"])
 def test_ci_coverage(setting: dict, quantity: str, method: str) -> None:
-    cov = coverage(setting["fns"][quantity], setting["truth"][quantity], method, M)
+    # Hutch++ on one kernel: 120 probes (240 passes) would cover the exact cost (60), which is
+    # what runs then; 28 probes (56 passes) stay below it
+    m = 28 if method == "hutchpp" and quantity != "alignment" else M
+    cov = coverage(setting["fns"][quantity], setting["truth"][quantity], method, m)
     assert 0.90 <= cov <= 0.99, f"{quantity}/{method}: 95% interval covered {cov:.3f}"
 
 

@@ -504,3 +504,14 @@ def test_hidden_ntk_of_a_submodule_counts_only_the_parameters_that_move_it() -> 
     every = nk.hidden_ntk(net, x, submodule="rnn", params=[n for n, _ in net.named_parameters()])
     assert every.num_params == K.num_params + 10
     assert nk.trace(every, method="exact").value == pytest.approx(nk.trace(K, method="exact").value, rel=1e-12)
+
+
+def test_hutchpp_and_xtrace_switch_to_exact_alike() -> None:
+    """A budget that covers the exact cost buys the exact value, at the exact cost, for both."""
+    K = _tiny()  # D = 18 < P = 75: exact costs 18 VJPs
+    truth = nk.trace(K, method="exact")
+    for method in ("hutchpp", "xtrace"):
+        e = nk.trace(K, method=method, num_probes=200, seed=0)
+        assert e.exact and e.stderr is None and e.passes == truth.passes == 18, (method, e)
+        assert e.value == pytest.approx(truth.value, rel=1e-12)
+    assert not nk.trace(K, method="hutchpp", num_probes=8, seed=0).exact  # 16 passes < 18

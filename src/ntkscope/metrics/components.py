@@ -165,8 +165,14 @@ def _sample_hutchinson(ops: Sequence[KernelOperator], names: tuple[str, ...], ct
 
 
 def _sample_hutchpp(ops: Sequence[KernelOperator], names: tuple[str, ...], ctx: RunContext) -> list[Part]:
+    orig = list(ops)
     ops = _smaller(ops, ctx)
     a = ops[0]
+    per = 2 if isinstance(a, (FactoredKernel, ParameterKernel)) else 1  # AD passes per product
+    if len(ops) == 1 and per * ctx.m >= a.dim:  # as XTrace: the exact value costs less than the budget
+        unit = "AD passes" if per == 2 else "products"
+        ctx.info.setdefault("variants", []).append(f"exact (the budget, {per * ctx.m} {unit}, covers the exact cost of {a.dim})")
+        return [Part.exact(*_exact_values(orig, names, ctx.targets))]
     r = est.hutchpp_grams(ops, ctx.stream(a.dim, a.dtype, a.device), ctx.m, ctx.chunk)
     ctx.info["sketch_size"] = r.sketch_size
     return [Part.means(_entries(r.residual, names), _entries(r.exact[None], names)[0])]
