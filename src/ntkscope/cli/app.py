@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -237,7 +238,7 @@ def run(
     quiet: QuietOpt = False,
 ) -> None:
     """The built-in demo: train a small MLP (sklearn digits) and a small GRU (3-bit flip-flop) briefly, then estimate trace, Frobenius norm, effective rank and kernel-target alignment of each NTK with ± stderr, AD passes and wall time, next to the exact values and the speed-up."""  # noqa: E501
-    _check_method(method, [m for m in compare.METRICS if m != "trace"] if method.endswith("_proj") else [])
+    _check_method(method, compare.METRICS)  # the demo reports every metric
     main_process = _init_distributed()
     t0 = time.perf_counter()
     with _errors(), _progress(quiet or not main_process) as update:
@@ -418,6 +419,8 @@ def track(
         for lg, module, extra_name in (("tensorboard", "tensorboard", "tensorboard"), ("wandb", "wandb", "wandb")):
             if lg in extra and importlib.util.find_spec(module) is None:
                 raise _fail(f"--logger {lg} needs the {module} package: pip install 'ntkscope[{extra_name}]'", EXIT_USAGE)
+        if quiet and "wandb" in extra:
+            os.environ.setdefault("WANDB_SILENT", "true")  # -q: no banner or run summary either
         if plots and main_process and importlib.util.find_spec("matplotlib") is None:
             raise _fail("the PNG plots need matplotlib: pip install 'ntkscope[plot]', or pass --no-plots", EXIT_USAGE)
         with _progress(quiet, total=steps) as update:

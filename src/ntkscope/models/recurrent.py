@@ -294,7 +294,8 @@ def _submodule_ntk(
     names, primals, fixed = select_params(model, params)
     values = {**fixed, **dict(zip(names, primals))}
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-    # hooks go on a copy sharing the tensors; train-mode norm layers use batch statistics there
+    # where needed a copy sharing the tensors (train-mode norm layers on batch statistics, a
+    # module under two names); the capture hooks go on it, and come off after every forward
     model = analysis_module(model)
 
     def fn(p: dict[str, torch.Tensor], x: Any) -> torch.Tensor:

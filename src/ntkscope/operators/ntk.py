@@ -98,6 +98,9 @@ class NTK(FactoredKernel):
         unknown = sorted(set(buffers or {}) - set(own))
         if unknown:
             raise ValueError(f"buffers={unknown} are not buffers of this {type(model).__name__}; it has {sorted(own)}")
+        for n, b in (buffers or {}).items():
+            if not isinstance(b, torch.Tensor) or b.shape != own[n].shape:
+                raise ValueError(f"buffer {n!r}: expected a tensor of shape {tuple(own[n].shape)}")
         buffers = {**own, **{n: b.detach() for n, b in (buffers or {}).items()}}
         module = _rules.analysis_copy(analysis_module(model))
         args, kwargs = split_inputs(inputs)
