@@ -72,3 +72,14 @@ def test_seed_and_kind_parsing() -> None:
     assert parse_probe("sphere") is Probe.SPHERE
     with pytest.raises(ValueError, match="unknown probe distribution 'cauchy'"):
         parse_probe("cauchy")
+
+
+@pytest.mark.parametrize("kind", list(Probe))
+@pytest.mark.parametrize("dim", [1, 7, 3201, 4096])
+def test_rows_across_blocks_are_the_rows_one_at_a_time(kind: Probe, dim: int) -> None:
+    """Multi-block rows are drawn block by block into one allocation (straight into it where a
+    block holds whole 64-bit draws, even dim): the same values as any other split."""
+    s = ProbeStream(dim, kind, 3, 1, torch.float64)
+    one_by_one = torch.cat([s.rows(i, i + 1) for i in range(5, 75)])
+    assert torch.equal(s.rows(5, 75), one_by_one)
+    assert s.rows(5, 75).is_contiguous()
