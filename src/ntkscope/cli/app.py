@@ -38,6 +38,7 @@ from . import compare
 from . import track as tr
 from .demo import run_demo
 from .spec import SpecError, UserCodeError, load_spec
+from .train import OPTIMIZERS
 
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 DEFAULT_METRICS = "trace,frobenius_norm,effective_rank,target_alignment"
@@ -395,7 +396,7 @@ def track(
 
     Ctrl-C keeps every row written so far; run the same command with --resume to continue; the rows equal those of an uninterrupted run (fixed probe seeds per step, checkpointed model, optimizer and RNG)."""  # noqa: E501
     _check_method(method, tr.TRACK_METRICS)
-    if optimizer not in ("sgd", "adam"):
+    if optimizer not in OPTIMIZERS:
         raise _fail(f"unknown --optimizer {optimizer!r}; choose sgd or adam", EXIT_USAGE)
     for flag, value in (("--lr", lr), ("--init-scale", init_scale)):
         if not (math.isfinite(value) and value > 0):

@@ -39,12 +39,14 @@ def loss_for(targets: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], to
     return lambda z, y: torch.nn.functional.cross_entropy(z.reshape(-1, z.shape[-1]), y.reshape(-1))
 
 
+#: The optimizers ``track`` trains with, by name.
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
+
+
 def make_optimizer(model: nn.Module, name: str, lr: float) -> torch.optim.Optimizer:
-    if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr)
-    if name == "adam":
-        return torch.optim.Adam(model.parameters(), lr=lr)
-    raise ValueError(f"unknown optimizer {name!r}; choose 'sgd' or 'adam'")
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose 'sgd' or 'adam'")
+    return OPTIMIZERS[name](model.parameters(), lr=lr)
 
 
 def train_step(spec: Spec, optimizer: torch.optim.Optimizer) -> float:

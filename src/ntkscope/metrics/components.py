@@ -164,14 +164,23 @@ def _sample_hutchinson(ops: Sequence[KernelOperator], names: tuple[str, ...], ct
     return [Part.means(_entries(g, names))]
 
 
+def _budget_covers_exact(op: KernelOperator, ctx: RunContext, products: int) -> bool:
+    """Whether ``products`` products with ``op`` cost at least its exact value (``op.dim`` =
+    min(D, P) one-sided passes, or ``dim`` products); if so, says so in ``info["variants"]``."""
+    per = 2 if isinstance(op, (FactoredKernel, ParameterKernel)) else 1  # AD passes per product
+    cost = per * products
+    if cost < op.dim:
+        return False
+    unit = "AD passes" if per == 2 else "products"
+    ctx.info.setdefault("variants", []).append(f"exact (the budget, {cost} {unit}, covers the exact cost of {op.dim})")
+    return True
+
+
 def _sample_hutchpp(ops: Sequence[KernelOperator], names: tuple[str, ...], ctx: RunContext) -> list[Part]:
     orig = list(ops)
     ops = _smaller(ops, ctx)
     a = ops[0]
-    per = 2 if isinstance(a, (FactoredKernel, ParameterKernel)) else 1  # AD passes per product
-    if len(ops) == 1 and per * ctx.m >= a.dim:  # as XTrace: the exact value costs less than the budget
-        unit = "AD passes" if per == 2 else "products"
-        ctx.info.setdefault("variants", []).append(f"exact (the budget, {per * ctx.m} {unit}, covers the exact cost of {a.dim})")
+    if len(ops) == 1 and _budget_covers_exact(a, ctx, ctx.m):  # as XTrace
         return [Part.exact(*_exact_values(orig, names, ctx.targets))]
     r = est.hutchpp_grams(ops, ctx.stream(a.dim, a.dtype, a.device), ctx.m, ctx.chunk)
     ctx.info["sketch_size"] = r.sketch_size
@@ -195,12 +204,8 @@ def _xtrace_part(
     XTrace's own error estimate (the spread of its exchangeable samples) under-covers badly
     (0.2–0.6 near the dimension); the jackknife of the whole estimator is what is reported.
     """
-    per = 2 if isinstance(op, (FactoredKernel, ParameterKernel)) else 1  # AD passes per product
     order = 2 if matmat is not None else max(powers)
-    cost = per * ctx.m * order
-    if cost >= op.dim:  # exact costs op.dim = min(D, P) one-sided passes (or dim products)
-        unit = "AD passes" if per == 2 else "products"
-        ctx.info.setdefault("variants", []).append(f"exact (the budget, {cost} {unit}, covers the exact cost of {op.dim})")
+    if _budget_covers_exact(op, ctx, ctx.m * order):
         return Part.exact(*exact())
     stream = ctx.stream(op.dim, op.dtype, op.device, stream_id, default=Probe.SPHERE)
     chunk = ctx.chunk or op.chunk_size
