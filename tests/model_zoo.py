@@ -82,6 +82,21 @@ def reference_jacobian(case: Case, params: dict[str, torch.Tensor] | None = None
     return torch.cat([jac[n].reshape(D, -1) for n in p], 1).detach()
 
 
+def sampled_budget(K: Any, method: str, want: int, quantity: str = "trace") -> int:
+    """The largest budget ``≤ want`` at which ``method`` still samples on the NTK ``K``: from the
+    exact cost on (one-sided: ``D`` VJP or ``P`` JVP passes; two-sided: ``min(D, P)`` passes at
+    two per product, XTrace's ``‖K‖²`` two products per probe) the exact value runs instead, and a
+    statistical test there could not fail."""
+    if method in ("vjp", "vjp_proj"):
+        cap = K.dim - 1
+    elif method in ("jvp", "jvp_proj"):
+        cap = K.num_params - 1
+    else:
+        order = 2 if method == "xtrace" and quantity != "trace" else 1
+        cap = (min(K.dim, K.num_params) - 1) // (2 * order)
+    return max(2, min(want, cap))
+
+
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

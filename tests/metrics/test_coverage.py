@@ -1,9 +1,11 @@
 """Calibration of the error bars: 95 % intervals cover the exact value in 90–99 % of seeds.
 
 Kernels are ``NTK.from_jacobian`` factors ``J = U diag(√λ) Vᵀ`` with a known spectrum
-``λ_i = 1/i`` (D = 60, P = 90), so every exact value is known; each metric is estimated under
-200 seeds at a budget where the normal approximation holds (m = 120 probes; Hutch++ on one kernel
-28, below the exact cost it would switch to), for the one-sided methods and Hutch++; every method, at budgets from 2 probes to min(D, P), further below.  The binomial
+``λ_i = 1/i`` (D = 150, P = 200), so every exact value is known; each metric is estimated under
+200 seeds at a budget where the normal approximation holds (m = 120 probes, below D, where the
+one-sided methods would compute the exact value instead; Hutch++ on one kernel 28, below the
+exact cost it would switch to), for the one-sided methods and Hutch++; every method, at budgets
+from 2 probes to min(D, P), further below.  The binomial
 standard deviation of a measured coverage over 200 runs is 1.5 %, so the 90–99 % band is
 about ±3σ around 95 %: a calibrated estimator passes, a stderr off by 30 % fails.
 """
@@ -30,10 +32,10 @@ def _factor(D: int, P: int, alpha: float, seed: int) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def setting() -> dict:
-    J1 = _factor(60, 90, 1.0, 0)
+    J1 = _factor(150, 200, 1.0, 0)
     g = torch.Generator().manual_seed(5)
-    J2 = J1 + 0.7 * torch.randn(60, 90, dtype=torch.float64, generator=g) / 90**0.5
-    y = torch.randn(60, dtype=torch.float64, generator=g)
+    J2 = J1 + 0.7 * torch.randn(150, 200, dtype=torch.float64, generator=g) / 200**0.5
+    y = torch.randn(150, dtype=torch.float64, generator=g)
     K1, K2 = J1 @ J1.T, J2 @ J2.T
     truth = {
         "frobenius_norm": float(K1.norm()),
@@ -62,7 +64,7 @@ def coverage(fn, truth: float, method: str, m: int, seeds: int = SEEDS) -> float
 @pytest.mark.parametrize("quantity", ["frobenius_norm", "effective_rank", "alignment", "target_alignment"])
 @pytest.mark.parametrize("method", ["vjp", "jvp", "hutchpp"])
 def test_ci_coverage(setting: dict, quantity: str, method: str) -> None:
-    # Hutch++ on one kernel: 120 probes (240 passes) would cover the exact cost (60), which is
+    # Hutch++ on one kernel: 120 probes (240 passes) would cover the exact cost (150), which is
     # what runs then; 28 probes (56 passes) stay below it
     m = 28 if method == "hutchpp" and quantity != "alignment" else M
     cov = coverage(setting["fns"][quantity], setting["truth"][quantity], method, m)

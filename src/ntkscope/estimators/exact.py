@@ -93,15 +93,15 @@ def kernel(op: KernelOperator) -> torch.Tensor:
     return torch.cat([op.matmat(E) for _, _, E in _basis_chunks(op.dim, _chunk(op), op.dtype, op.device)], 1)
 
 
-def exact_trace(op: KernelOperator) -> float:
-    """``tr K`` without storing J or K."""
+def exact_trace(op: KernelOperator, side: str | None = None) -> float:
+    """``tr K`` without storing J or K (for an NTK from the basis of ``side``, default the smaller)."""
     if isinstance(op, FactoredKernel):
 
         def side_trace(side: str) -> float:
             norms = _basis_rows(op, side, lambda X: X.double().square().sum(0).cpu()[:, None])
             return float(norms.sum())
 
-        return _try_sides(op, None, side_trace)
+        return _try_sides(op, side, side_trace)
     total = torch.zeros((), dtype=torch.float64)
     for start, stop, E in _basis_chunks(op.dim, _chunk(op), op.dtype, op.device):
         total += op.matmat(E)[start:stop].double().diagonal().sum().cpu()
@@ -114,26 +114,30 @@ def smaller_kernel(J: torch.Tensor) -> torch.Tensor:
     return J @ J.T if J.shape[0] <= J.shape[1] else J.T @ J
 
 
-def _dense_smaller_kernel(op: KernelOperator) -> torch.Tensor:
-    """The smaller of K and G in float64 (K itself for an operator without a factor)."""
+def frobenius_sq_of(J: torch.Tensor) -> float:
+    """``‖J Jᵀ‖_F²`` of a dense Jacobian, through the smaller of ``J Jᵀ`` and ``JᵀJ``."""
+    return float(smaller_kernel(J.double()).square().sum())
+
+
+def inner_of(J1: torch.Tensor, J2: torch.Tensor) -> float:
+    """``⟨J1 J1ᵀ, J2 J2ᵀ⟩_F`` of dense Jacobians, via ``‖J1ᵀ J2‖_F²`` when that is smaller."""
+    J1, J2 = J1.double(), J2.double()
+    if J1.shape[1] * J2.shape[1] < J1.shape[0] ** 2:
+        return float((J1.T @ J2).square().sum())
+    return float(((J1 @ J1.T) * (J2 @ J2.T)).sum())
+
+
+def exact_frobenius_sq(op: KernelOperator, side: str | None = None) -> float:
+    """``‖K‖_F² = tr K²`` (for an NTK from the Jacobian by ``side``, default the smaller)."""
     if isinstance(op, FactoredKernel):
-        J = jacobian(op).double()
-        return smaller_kernel(J)
-    return kernel(op).double()
+        return frobenius_sq_of(jacobian(op, side))
+    return float(kernel(op).double().square().sum())
 
 
-def exact_frobenius_sq(op: KernelOperator) -> float:
-    """``‖K‖_F² = tr K²``."""
-    return float(_dense_smaller_kernel(op).square().sum())
-
-
-def exact_inner(op1: KernelOperator, op2: KernelOperator) -> float:
+def exact_inner(op1: KernelOperator, op2: KernelOperator, side: str | None = None) -> float:
     """``⟨K1, K2⟩_F = tr(K1 K2)``, via ``‖J1ᵀ J2‖_F²`` when that is smaller."""
     if isinstance(op1, FactoredKernel) and isinstance(op2, FactoredKernel):
-        J1, J2 = jacobian(op1).double(), jacobian(op2).double()
-        if J1.shape[1] * J2.shape[1] < J1.shape[0] ** 2:
-            return float((J1.T @ J2).square().sum())
-        return float(((J1 @ J1.T) * (J2 @ J2.T)).sum())
+        return inner_of(jacobian(op1, side), jacobian(op2, side))
     return float((kernel(op1).double() * kernel(op2).double()).sum())
 
 
@@ -159,4 +163,5 @@ def exact_quadratic(op: KernelOperator, y: torch.Tensor) -> float:
 
 def eigenvalues(op: KernelOperator) -> torch.Tensor:
     """All nonzero-spectrum eigenvalues of K, descending (from the smaller of K and G)."""
-    return torch.linalg.eigvalsh(_dense_smaller_kernel(op)).flip(0)
+    dense = smaller_kernel(jacobian(op).double()) if isinstance(op, FactoredKernel) else kernel(op).double()
+    return torch.linalg.eigvalsh(dense).flip(0)

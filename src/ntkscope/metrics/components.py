@@ -55,6 +55,10 @@ class RunContext:
     chunk: int | None
     info: dict[str, Any]
     targets: torch.Tensor | None = None
+    #: A fixed budget: a sampler whose budget covers the exact cost runs the exact value instead.
+    #: Tolerance rounds leave that to their loop (earlier rounds' passes are spent, so the next
+    #: round's cost, not the total, is what the exact value competes with).
+    fixed: bool = True
 
     def stream(
         self, dim: int, dtype: torch.dtype, device: torch.device, stream: int = Stream.MAIN, default: Probe = Probe.RADEMACHER
@@ -117,13 +121,26 @@ def target_alignment_quantity(ynorm2: float) -> Quantity:
 # -- exact ----------------------------------------------------------------------------------------
 
 
-def _exact_values(ops: Sequence[KernelOperator], names: Sequence[str], y: torch.Tensor | None) -> list[float]:
+def _exact_values(ops: Sequence[KernelOperator], names: Sequence[str], y: torch.Tensor | None, side: str | None = None) -> list[float]:
+    """Exact components, each NTK's Jacobian formed once (by ``side``'s basis; default the smaller
+    side) when more than the trace is wanted, so ``tr`` and ``sq`` together cost ``min(D, P)``."""
     a, b = ops[0], ops[-1]
+    if any(n not in ("tr", "quad") for n in names) and isinstance(a, FactoredKernel) and isinstance(b, FactoredKernel):
+        Ja = ex.jacobian(a, side).double()
+        Jb = Ja if b is a else ex.jacobian(b, side).double()
+        dense: dict[str, Callable[[], float]] = {
+            "tr": lambda: float(Ja.square().sum()),
+            "sq": lambda: ex.frobenius_sq_of(Ja),
+            "cross": lambda: ex.inner_of(Ja, Jb),
+            "sq2": lambda: ex.frobenius_sq_of(Jb),
+            "quad": lambda: float((y.to(Ja).reshape(-1) @ Ja).square().sum()),  # type: ignore[union-attr]
+        }
+        return [dense[n]() for n in names]
     value: dict[str, Callable[[], float]] = {
-        "tr": lambda: ex.exact_trace(a),
-        "sq": lambda: ex.exact_frobenius_sq(a),
-        "cross": lambda: ex.exact_inner(a, b),
-        "sq2": lambda: ex.exact_frobenius_sq(b),
+        "tr": lambda: ex.exact_trace(a, side),
+        "sq": lambda: ex.exact_frobenius_sq(a, side),
+        "cross": lambda: ex.exact_inner(a, b, side),
+        "sq2": lambda: ex.exact_frobenius_sq(b, side),
         "quad": lambda: ex.exact_quadratic(a, y),  # type: ignore[arg-type]
     }
     return [value[n]() for n in names]
@@ -158,18 +175,22 @@ def _entries(g: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
 
 
 def _sample_hutchinson(ops: Sequence[KernelOperator], names: tuple[str, ...], ctx: RunContext) -> list[Part]:
+    orig = list(ops)
     ops = _smaller(ops, ctx)
     a = ops[0]
+    if len(ops) == 1 and _budget_covers_exact(a, ctx, ctx.m):  # as Hutch++ and XTrace
+        return [Part.exact(*_exact_values(orig, names, ctx.targets))]
     g = est.hutchinson_grams(ops, ctx.stream(a.dim, a.dtype, a.device), ctx.m, ctx.chunk)
     return [Part.means(_entries(g, names))]
 
 
-def _budget_covers_exact(op: KernelOperator, ctx: RunContext, products: int) -> bool:
+def _budget_covers_exact(op: KernelOperator, ctx: RunContext, products: int, *, limit: bool = False) -> bool:
     """Whether ``products`` products with ``op`` cost at least its exact value (``op.dim`` =
-    min(D, P) one-sided passes, or ``dim`` products); if so, says so in ``info["variants"]``."""
+    min(D, P) one-sided passes, or ``dim`` products); if so, says so in ``info["variants"]``.
+    Only for fixed budgets, unless the method cannot sample there at all (``limit``: XTrace)."""
     per = 2 if isinstance(op, (FactoredKernel, ParameterKernel)) else 1  # AD passes per product
     cost = per * products
-    if cost < op.dim:
+    if cost < op.dim or not (ctx.fixed or limit):
         return False
     unit = "AD passes" if per == 2 else "products"
     ctx.info.setdefault("variants", []).append(f"exact (the budget, {cost} {unit}, covers the exact cost of {op.dim})")
@@ -205,7 +226,7 @@ def _xtrace_part(
     (0.2–0.6 near the dimension); the jackknife of the whole estimator is what is reported.
     """
     order = 2 if matmat is not None else max(powers)
-    if _budget_covers_exact(op, ctx, ctx.m * order):
+    if _budget_covers_exact(op, ctx, ctx.m * order, limit=True):  # it cannot sample near its dimension
         return Part.exact(*exact())
     stream = ctx.stream(op.dim, op.dtype, op.device, stream_id, default=Probe.SPHERE)
     chunk = ctx.chunk or op.chunk_size
@@ -286,12 +307,27 @@ class _GramRows:
         return rows
 
 
+def _onesided_covers_exact(ops: Sequence[KernelOperator], ctx: RunContext, side: str) -> bool:
+    """Whether m one-sided passes per kernel cost at least the exact value on the same side (the
+    D basis vectors of R^D for VJPs, the P of R^P for JVPs): then the exact value runs, in the
+    AD mode that was asked for, in no more passes, and is said so in ``info["variants"]``."""
+    n = max(est.probe_dim(o, side) for o in ops)  # type: ignore[arg-type]
+    if ctx.m < n or not ctx.fixed:
+        return False
+    ctx.info.setdefault("variants", []).append(
+        f"exact (the budget, {ctx.m} {side.upper()} passes per kernel, covers the exact cost of {n} on that side)"
+    )
+    return True
+
+
 def _sample_onesided(ops: Sequence[KernelOperator], names: tuple[str, ...], ctx: RunContext, *, side: str) -> list[Part]:
     """``tr K = E‖Jᵀw‖²`` (or ``E‖Ju‖²``); norms and inner products as U-statistics over the
     probe Gram of the same products (Hazelden 2025).  VJP probes of two kernels are shared (both
     live in R^D); JVP probes are independent (``Ju``, ``J₂v`` with P₁ ≠ P₂ allowed)."""
     a = ops[0]
     assert isinstance(a, FactoredKernel)
+    if _onesided_covers_exact(ops, ctx, side):
+        return [Part.exact(*_exact_values(ops, names, ctx.targets, side))]
     if names == ("tr",):  # the trace alone keeps no products
         stream = ctx.stream(est.probe_dim(a, side), a.dtype, a.device)
         return [Part.means(est.onesided(a, side, stream.columns, ctx.m, keep=False, chunk_size=ctx.chunk))]
@@ -320,6 +356,8 @@ def _sample_projected(ops: Sequence[KernelOperator], names: tuple[str, ...], ctx
     """The one-sided trace with a random projected block of ``m // 6`` directions handled exactly."""
     a = ops[0]
     assert isinstance(a, FactoredKernel)
+    if _onesided_covers_exact(ops, ctx, side):
+        return [Part.exact(*_exact_values(ops, names, ctx.targets, side))]
     stream = ctx.stream(est.probe_dim(a, side), a.dtype, a.device)
     exact_part, resid, q = est.onesided_projected_trace(a, side, stream, ctx.m, ctx.chunk)
     ctx.info["projected_block"] = q

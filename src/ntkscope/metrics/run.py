@@ -189,7 +189,9 @@ class _Run:
     def sample(self, m: int) -> tuple[float, float, Any]:
         """Value, jackknife standard error and bias-corrected value at ``m`` probes."""
         self.last_info = dict(self.info)
-        ctx = RunContext(self.method, m, self.seed, self.probe_kind, self.opts.chunk_size, self.last_info, self.targets)
+        ctx = RunContext(
+            self.method, m, self.seed, self.probe_kind, self.opts.chunk_size, self.last_info, self.targets, fixed=not self.opts.adaptive
+        )
         parts = measure(self.quantity, self.run_ops, ctx)
         value, se, bc = combine(parts, self.quantity.formula)
         k = dof(parts)

@@ -243,6 +243,40 @@ class _WatchConvolutions(TorchDispatchMode):
         return out
 
 
+class ParameterWrite(Exception):
+    """Raised by :class:`RefuseWrites` before an operation writes into a watched tensor."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+class RefuseWrites(TorchDispatchMode):
+    """Raises :class:`ParameterWrite` *before* any operation writes into the storage of one of
+    ``watched`` (name -> tensor): an in-place op, an ``out=`` argument (the schema marks both).
+    ``nn.Embedding(max_norm=...)`` renormalises its rows in place on every forward, which would
+    otherwise write through the analysis's detached views into the user's parameters."""
+
+    def __init__(self, watched: Mapping[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.storages = {t.untyped_storage().data_ptr(): n for n, t in watched.items() if t.numel()}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        for i, a in enumerate(func._schema.arguments):
+            if a.alias_info is None or not a.alias_info.is_write:
+                continue
+            t = args[i] if i < len(args) else kwargs.get(a.name)
+            if isinstance(t, torch.Tensor):
+                try:
+                    name = self.storages.get(t.untyped_storage().data_ptr())
+                except RuntimeError:  # a tensor without storage
+                    continue
+                if name is not None:
+                    raise ParameterWrite(name)
+        return func(*args, **kwargs)
+
+
 def saved_activations(fn: Callable[..., torch.Tensor], primals: Sequence[torch.Tensor]) -> SavedActivations:
     """Measure the activations of one forward ``fn(*primals)`` with ``saved_tensors_hooks``.
 

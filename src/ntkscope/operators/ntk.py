@@ -18,6 +18,8 @@ from . import rules as _rules
 from .base import FactoredKernel, _as_block, _DenseFactor
 from .evaluators import Evaluator, quiet, sqnorms
 from .modules import (
+    ParameterWrite,
+    RefuseWrites,
     analysis_module,
     check_finite_inputs,
     check_no_dropout,
@@ -119,7 +121,9 @@ class NTK(FactoredKernel):
         ruled_fn = None if ruled is None else state_fn(ruled)
         if rules is True and ruled_fn is None:
             raise ValueError(f"rules=True: no submodule of this {type(model).__name__} has a rule (see ntkscope.operators.rules for the supported modules)")
-        self._init_function(state_fn(module), primals, chunk_size, jvp_path, vjp_path, what=type(model).__name__, ruled_fn=ruled_fn)
+        self._init_function(
+            state_fn(module), primals, chunk_size, jvp_path, vjp_path, what=type(model).__name__, ruled_fn=ruled_fn, fixed=fixed
+        )
 
     @classmethod
     def from_function(
@@ -185,6 +189,7 @@ class NTK(FactoredKernel):
         vjp_path: str | None,
         what: str,
         ruled_fn: Callable[..., torch.Tensor] | None = None,
+        fixed: dict[str, torch.Tensor] | None = None,
     ) -> None:
         self._fn_raw = fn
         self.primals = tuple(primals)
@@ -202,10 +207,7 @@ class NTK(FactoredKernel):
             raise ValueError(f"inputs are empty (a tensor of shape {empty[0]}): the NTK needs at least one input")
         # fork_rng: a random model must not advance the user's (CPU) random stream
         with torch.no_grad(), quiet(), torch.random.fork_rng(devices=[]):
-            try:
-                z = fn(*self.primals)
-            except Exception as e:  # the user's model rejected the inputs
-                raise ValueError(f"{what} failed on the given inputs ({describe_inputs(self.inputs)}): {e}") from e
+            z = self._first_forward(fn, what, {} if fixed is None else fixed)
             if not isinstance(z, torch.Tensor) or not z.is_floating_point():
                 raise TypeError(f"the state must be a floating-point tensor, got {type(z).__name__}")
             if not torch.isfinite(z).all():
@@ -235,6 +237,26 @@ class NTK(FactoredKernel):
         flat_ruled = None if ruled_fn is None else (lambda *t: ruled_fn(*t).reshape(-1))
         self._evaluator = Evaluator(self._f, self.primals, flat_ruled, self.dim, generic_chunk, jvp_path, vjp_path, ruled_chunk_size=ruled_chunk)
         self._pass_seconds: dict[str, float] = {}
+
+    def _first_forward(self, fn: Callable[..., torch.Tensor], what: str, fixed: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``fn(*primals)``, refusing writes into the user's tensors: the primals and ``fixed`` are
+        detached views of them.  A parameter the forward writes in place (``nn.Embedding(max_norm=)``
+        renormalises its rows) is replaced by a copy of its own, here and for every later pass."""
+        copied: set[str] = set()
+        while True:
+            watched = {n: t for n, t in (*zip(self.param_names, self.primals), *fixed.items()) if n not in copied}
+            try:
+                with RefuseWrites(watched):
+                    return fn(*self.primals)
+            except ParameterWrite as w:
+                copied.add(w.name)
+                if w.name in fixed:
+                    fixed[w.name] = fixed[w.name].clone()
+                else:
+                    i = list(self.param_names).index(w.name)
+                    self.primals = (*self.primals[:i], self.primals[i].clone(), *self.primals[i + 1 :])
+            except Exception as e:  # the user's model rejected the inputs
+                raise ValueError(f"{what} failed on the given inputs ({describe_inputs(self.inputs)}): {e}") from e
 
     @property  # type: ignore[override]
     def chunk_size(self) -> int:
