@@ -103,3 +103,41 @@ def test_exact_and_fixed_budget_flags(K: nk.FactoredKernel) -> None:
 def test_bad_tolerances(K: nk.FactoredKernel, kw: dict) -> None:
     with pytest.raises(ValueError):
         nk.trace(K, method="vjp", seed=0, **kw)
+
+
+@pytest.mark.parametrize("method", ["vjp", "jvp", "hutchinson", "hutchpp", "xtrace", "auto"])
+def test_every_quantity_stays_within_max_passes(method: str) -> None:
+    """An unreachable tolerance spends at most ``max_passes``: XTrace's ‖K‖² and ⟨K₁, K₂⟩ cost 4
+    passes per probe on each part (they spent 100–240 for 50–80), the exact yᵀKy one more."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 20), torch.nn.Tanh(), torch.nn.Linear(20, 4)).double()
+    X = torch.randn(30, 6, dtype=torch.float64)
+    K = nk.NTK(net, X)
+    K2 = nk.NTK(net, X, params={n: p.detach() + 0.05 for n, p in net.named_parameters()})
+    y = torch.randn(30, 4, dtype=torch.float64)
+    calls = {
+        "trace": lambda **k: nk.trace(K, **k),
+        "frobenius_norm": lambda **k: nk.frobenius_norm(K, **k),
+        "effective_rank": lambda **k: nk.effective_rank(K, **k),
+        "alignment": lambda **k: nk.alignment(K, K2, **k),
+        "target_alignment": lambda **k: nk.target_alignment(K, y, **k),
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", nk.ConvergenceWarning)
+        for name, call in calls.items():
+            for budget in (50, 80):
+                e = call(method=method, rtol=1e-6, max_passes=budget, seed=0)
+                assert e.passes <= budget, (name, budget, e.passes)
+    if method == "xtrace":
+        with pytest.raises(ValueError, match="cannot pay for the fewest probes"):
+            nk.alignment(K, K2, method="xtrace", rtol=1e-6, max_passes=20, seed=0)
+
+
+def test_parameter_blocks_stay_within_max_passes() -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 20), torch.nn.Tanh(), torch.nn.Linear(20, 4)).double()
+    K = nk.NTK(net, torch.randn(30, 6, dtype=torch.float64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", nk.ConvergenceWarning)
+        for method in ("vjp", "jvp"):  # the JVP side: one JVP per block and probe (it spent 64 for 50)
+            assert nk.parameter_blocks(K, method=method, rtol=1e-6, max_passes=50, seed=0).passes <= 50

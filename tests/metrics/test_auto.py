@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -50,3 +52,21 @@ def test_choose_method_is_the_choice_auto_makes() -> None:
     assert nk.trace(low, method="auto", num_probes=60, seed=0).method == method.value
     small = nk.NTK.from_jacobian(jacobian_with_spectrum(20, 30, torch.ones(20, dtype=torch.float64)))
     assert nk.choose_method([small], "trace", 60)[0] is nk.Method.EXACT  # min(D, P) = 20 passes fit the budget
+
+
+def test_auto_never_times_passes_and_a_seed_fixes_its_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto's choice and probe count depend on the seed, the budget and the model only: not on
+    measured time (which moved its choice between processes) nor on whether the kernel was used
+    before (a reused kernel lost 10 timing passes again: budgets 4–12 all gave 2 probes, ±inf)."""
+    monkeypatch.setattr(nk.NTK, "pass_seconds", lambda *a, **k: pytest.fail("auto must not time passes"))
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 20), torch.nn.Tanh(), torch.nn.Linear(20, 4)).double()
+    X = torch.randn(30, 6, dtype=torch.float64)  # D = 120 < P = 224: the VJP side
+    used = nk.NTK(net, X)
+    nk.trace(used, method="vjp", num_probes=3, seed=0)
+    for budget in (6, 12, 24):
+        fresh = nk.effective_rank(nk.NTK(net, X), num_probes=budget, seed=1)
+        again = nk.effective_rank(used, num_probes=budget, seed=1)
+        assert (fresh.method, fresh.num_probes, fresh.value) == (again.method, again.num_probes, again.value)
+        assert fresh.method == "vjp" and fresh.num_probes == budget - 2  # one check pass per AD mode
+        assert fresh.passes <= budget and fresh.stderr is not None and math.isfinite(fresh.stderr)

@@ -89,7 +89,7 @@ def test_bare_callable_needs_its_dimension() -> None:
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_same_seed_same_estimate_and_chunk_invariance(method: str) -> None:
     case = Z.gru_loop(torch.float64)
-    if method == "auto":  # auto picks by measured pass times; once resolved, the seed fixes the value
+    if method == "auto":  # auto picks by dimensions and paths, never by time: the seed fixes the value
         e = nk.trace(case.ntk(), method=method, num_probes=20, seed=5)
         # (auto's timing and pilot passes count inside its 20-pass budget, so it runs fewer probes)
         again = nk.trace(case.ntk(), method=e.method, num_probes=e.num_probes, seed=5)

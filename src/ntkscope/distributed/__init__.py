@@ -479,6 +479,17 @@ class ShardedNTK(FactoredKernel):
         mine = self.local.modes()
         return {k: self._all(v) for k, v in mine.items()}
 
+    @property  # type: ignore[override]
+    def times_passes(self) -> bool:
+        """As the local kernel: its :meth:`modes` check passes count inside ``auto``'s budget,
+        so a seed gives the same answer sharded as in one process."""
+        return bool(self.local.times_passes)
+
+    @property
+    def paths(self) -> dict[str, str | None]:
+        """The local kernel's evaluation path per AD mode (``auto`` avoids a slow one)."""
+        return dict(getattr(self.local, "paths", None) or {})
+
     def same_inputs(self, other: FactoredKernel) -> bool | None:
         if not isinstance(other, ShardedNTK):
             return None

@@ -180,6 +180,7 @@ def drive(
     exact: Callable[[], tuple[float, float, Any]] | None = None,
     exact_passes: int | None = None,
     probe_cost: float | None = None,
+    incremental: bool = True,
 ) -> AdaptiveResult:
     """Run ``run(m) -> (value, stderr, payload)`` at growing m until the tolerance is met.
 
@@ -190,6 +191,8 @@ def drive(
     error can fall faster than 1/√m, so the 1/√m prediction would overshoot).  With ``exact``
     (a function returning the exact value) and its cost ``exact_passes``, a round whose new
     passes would cost at least as much as the exact value runs ``exact`` instead.
+    ``incremental=False`` (Hutch++, XTrace: a larger sketch needs its products afresh): a round
+    of m probes may cost ``probe_cost · m`` passes, whatever earlier rounds computed.
     """
     want_tol = rtol is not None or atol is not None
     m = m0 if max_probes is None else min(m0, max_probes)
@@ -222,6 +225,9 @@ def drive(
             # nominal cost: products a cache answered for free (e.g. deflated zero probes) still
             # cannot make the probe count outgrow the pass budget
             m_next = min(m_next, max(m, int(max_passes / probe_cost)))
+            if not incremental and used + probe_cost * m_next > max_passes:
+                m_next = max(m, int((max_passes - used) / probe_cost))
+                reason = f"the pass budget max_passes={max_passes} ran out ({used} passes spent)"
         nominal = max(cost, probe_cost or 0.0)
         if exact is not None and exact_passes is not None and want_tol and (m_next - m) * nominal >= exact_passes:
             value, se, payload = exact()

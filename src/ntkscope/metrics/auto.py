@@ -21,10 +21,11 @@ from ..core.probes import Probe, ProbeStream, Stream
 from ..operators.base import FactoredKernel, KernelOperator
 from .methods import EXACT_MAX_ENTRIES, ONE_SIDED, Method
 
-__all__ = ["choose_method", "forced_side", "resolve", "PILOT_MAX", "TIMING_PASSES"]
+__all__ = ["choose_method", "forced_side", "slow_path", "resolve", "PILOT_MAX", "TIMING_PASSES"]
 
-#: Passes ``NTK.pass_seconds`` may spend per AD mode (a warm-up column and up to 4 timed ones).
-TIMING_PASSES = 5
+#: Passes ``NTK.modes`` spends per AD mode, once per kernel, to find which modes work and by
+#: which path (counted inside auto's budget, whether or not a call spends them).
+TIMING_PASSES = 1
 #: Largest pilot sketch of ``auto`` (2 AD passes per column, half of them reusable).
 PILOT_MAX = 16
 _PILOT_QUANTITIES = {"trace", "frobenius_norm", "frobenius_norm_sq", "effective_rank", "target_alignment"}
@@ -41,19 +42,23 @@ def forced_side(modes: dict[str, bool]) -> tuple[str, str] | None:
     return None
 
 
+def slow_path(path: str | None) -> bool:
+    """A path that pushes probes one by one (``loop-*``) or J·u as a VJP of a VJP."""
+    return path is not None and (path.startswith("loop-") or "double-vjp" in path)
+
+
 def _side_for(op: FactoredKernel, modes: dict[str, bool]) -> tuple[str, str]:
+    """The side by which modes work, then by the smaller probe space, unless that side's path is
+    slow and the other's is not.  Never by measured time: a seed must fix auto's answer in every
+    process, and timings move with load and warm-up (a first pass measured 7.5× "cheaper")."""
     if forced := forced_side(modes):
         return forced
     D, P = op.dim, op.num_params
     small, big = ("vjp", "jvp") if D <= P else ("jvp", "vjp")
-    why = f"D={D} {'≤' if D <= P else '>'} P={P}: the {small.upper()} side's probe space is smaller"
-    if op.times_passes:
-        t_small, t_big = op.pass_seconds(small), op.pass_seconds(big)
-        assert t_small is not None and t_big is not None
-        if t_big * 3 < t_small:
-            return big, f"a {big.upper()} pass measured {t_small / t_big:.1f}× cheaper than a {small.upper()} pass"
-        why += f" (measured {small.upper()} {t_small * 1e3:.3g} ms/pass, {big.upper()} {t_big * 1e3:.3g} ms/pass)"
-    return small, why
+    paths = getattr(op, "paths", None) or {}
+    if slow_path(paths.get(small)) and not slow_path(paths.get(big)):
+        return big, f"the {small.upper()} side runs on a slow path ({paths[small]}), the {big.upper()} side on {paths[big]}"
+    return small, f"D={D} {'≤' if D <= P else '>'} P={P}: the {small.upper()} side's probe space is smaller"
 
 
 def _pilot(op: KernelOperator, side: str, ell: int, seed: int, probes: Probe | None) -> dict[str, Any]:
@@ -88,8 +93,8 @@ def choose_method(
     """What ``method="auto"`` picks for these kernels, and why.
 
     1. Exact when ``min(D, P)`` passes fit in the budget.
-    2. Otherwise the AD side: by which modes work, by D vs P (the smaller probe space) and by the
-       measured seconds per pass (a 3× cheaper mode wins).
+    2. Otherwise the AD side: by which modes work, by D vs P (the smaller probe space), and away
+       from a side whose path is slow (a Python loop over probes, or J·u as a double VJP).
     3. With ``seed`` given (as the metrics do), a cheap pilot decides one- vs two-sided: a
        Nyström sketch of ``ℓ = min(m // 10, 16)`` columns on the chosen side's probe space
        (``2ℓ`` passes, reported in the metric's ``info["pilot_passes"]``; its first ``ℓ`` passes

@@ -31,8 +31,9 @@ Estimators (Hazelden 2025's one-sided estimators, block by block):
   whole-kernel JVP estimator).
 * ``method="exact"``: the dense Jacobian (min(D, P) passes), split by columns; small models.
 * ``method="auto"``: exact when its ``min(D, P)`` passes fit in ``num_probes``; otherwise the
-  side with the lower measured cost per probe (one VJP vs the G block JVPs); ``side`` and
-  ``info["reason"]`` say what ran and why.
+  VJP side (one VJP per probe serves every block, against G block JVPs), or the JVP side where
+  only forward mode works or the VJP side's path is slow — never by measured time, so a seed
+  fixes the answer; ``side`` and ``info["reason"]`` say what ran and why.
 
 Errors: the delete-one jackknife over probes (as everywhere in ntkscope: equal to ``std/√m`` for
 the traces, consistent for the pair U-statistics and the ratios, whose bias-corrected values are
@@ -56,7 +57,7 @@ from ..core.probes import Probe, ProbeStream, Stream, parse_probe, resolve_seed
 from ..estimators import exact as ex
 from ..operators.base import FactoredKernel
 from . import adaptive as adapt
-from .auto import forced_side
+from .auto import forced_side, slow_path
 from .block_estimate import BlockEstimate, RunCost, block_estimate, total_estimate
 from .block_operators import BlockKernels, PassCounter
 from .block_stats import BlockStats, exact_stats, jvp_stats, max_rel_error, vjp_stats
@@ -224,20 +225,19 @@ def _check_other(K: FactoredKernel, other: Any, check_inputs: bool) -> FactoredK
 # -- choosing and running a method ------------------------------------------------------------------
 
 
-def _choose_method(K: FactoredKernel, num_kernels: int, m: int, G: int, block_kernels: BlockKernels) -> tuple[str, str]:
+def _choose_method(K: FactoredKernel, num_kernels: int, m: int, G: int) -> tuple[str, str]:
     """``method="auto"``: the method to run and why (see the module docstring)."""
     exact_cost = min(K.dim, K.num_params) * num_kernels
     if exact_cost <= m * num_kernels and K.dim * K.num_params <= EXACT_MAX_ENTRIES and G * K.dim**2 <= EXACT_MAX_ENTRIES:
         return "exact", f"the exact Jacobian costs {exact_cost} passes, within the {m * num_kernels}-pass budget"
     if forced := forced_side(K.modes()):
         return forced
-    if not K.times_passes:
-        return "vjp", "one VJP per probe serves every block"
-    ops, _ = block_kernels.ops()
-    t_v = float(K.pass_seconds("vjp") or 0.0)
-    t_j = sum(float((o if o.times_passes else K).pass_seconds("jvp") or 0.0) for o in ops)
-    reason = f"measured cost per probe: one VJP {t_v * 1e3:.3g} ms (all {G} blocks) vs {G} block JVPs {t_j * 1e3:.3g} ms"
-    return ("jvp" if t_j < t_v else "vjp"), reason
+    # not by measured time, so that a seed fixes the answer: G block JVPs per probe against one
+    # VJP for every block, so the JVP side only where the VJP side runs on a slow path
+    paths = getattr(K, "paths", None) or {}
+    if slow_path(paths.get("vjp")) and not slow_path(paths.get("jvp")):
+        return "jvp", f"the VJP side runs on a slow path ({paths['vjp']}); {G} block JVPs per probe instead"
+    return "vjp", f"one VJP per probe serves all {G} blocks (the JVP side needs {G} per probe)"
 
 
 def _exact(
@@ -323,14 +323,22 @@ def _adaptive(
     rtol: float | None,
     max_passes: int | None,
     info: dict[str, Any],
+    per_probe: int,
 ) -> tuple[BlockStats, int, bool | None]:
-    """Grow the probes until :func:`~ntkscope.metrics.block_stats.max_rel_error` meets ``rtol``."""
+    """Grow the probes until :func:`~ntkscope.metrics.block_stats.max_rel_error` meets ``rtol``,
+    within ``max_passes`` (``per_probe`` passes a probe costs in all)."""
+    if max_passes is not None:
+        if max_passes < 2 * per_probe:
+            raise ValueError(f"max_passes={max_passes} cannot pay for 2 probes of parameter_blocks ({2 * per_probe} passes)")
+        m = min(m, max_passes // per_probe)
 
     def run(mm: int) -> tuple[float, float, Any]:
         st = sample(mm)
         return 1.0, max_rel_error(st), st
 
-    res = adapt.drive(run, lambda: sum(passes.spent()), m, rtol=rtol, atol=None, max_passes=max_passes, what="parameter_blocks")
+    res = adapt.drive(
+        run, lambda: sum(passes.spent()), m, rtol=rtol, atol=None, max_passes=max_passes, what="parameter_blocks", probe_cost=per_probe
+    )
     info["adaptive"] = {
         "rounds": [{"num_probes": h["num_probes"], "max_rel_error": h["stderr"], "passes": h["passes"]} for h in res.history],
         "stop": res.stop_reason,
@@ -405,7 +413,7 @@ def parameter_blocks(
     block_kernels = BlockKernels(K, K0, list(blocks.values()), slices, chunk_size, passes, info)
     meth = method
     if meth == "auto":
-        meth, info["reason"] = _choose_method(K, len(kernels), m, len(blocks), block_kernels)
+        meth, info["reason"] = _choose_method(K, len(kernels), m, len(blocks))
     if meth == "jvp" and kind is Probe.SPHERE:
         raise ValueError("method='jvp' needs probes with independent entries: use 'rademacher' or 'gaussian'")
     converged: bool | None = None
@@ -416,7 +424,12 @@ def parameter_blocks(
         side = meth
         sample = _sampler(side, K, K0, block_kernels, kind, base_seed, chunk_size, memoise=adaptive)
         if adaptive:
-            st, m, converged = _adaptive(sample, passes, m, rtol, max_passes, info)
+            if side == "vjp":
+                per_probe = len({id(k) for k in kernels})  # one VJP per probe and kernel serves every block
+            else:
+                ops, ops0 = block_kernels.ops()
+                per_probe = len(ops) + (0 if ops0 is None or K0 is K else len(ops0))  # one JVP per block and kernel
+            st, m, converged = _adaptive(sample, passes, m, rtol, max_passes, info, per_probe)
         else:
             st = sample(m)
     jv, vj = passes.spent()

@@ -379,13 +379,13 @@ SAMPLERS: dict[Method, Sampler] = {
 }
 
 #: Components that cost a single pass exactly.
-_CHEAP_EXACT = frozenset({"quad"})
+CHEAP_EXACT = frozenset({"quad"})
 
 
 def measure(quantity: Quantity, ops: Sequence[KernelOperator], ctx: RunContext) -> list[Part]:
     """The Parts of ``quantity``'s components by ``ctx.method`` (exact ones first)."""
     sampler = SAMPLERS[ctx.method]
-    exact_first = tuple(c for c in quantity.components if c in _CHEAP_EXACT and c not in sampler.produces)
+    exact_first = tuple(c for c in quantity.components if c in CHEAP_EXACT and c not in sampler.produces)
     sampled = tuple(c for c in quantity.components if c not in exact_first)
     if any(c not in sampler.produces for c in sampled):
         only = "the trace" if sampler.produces == {"tr"} else ", ".join(sorted(sampler.produces))

@@ -32,7 +32,7 @@ from ..core.probes import Probe, parse_probe, resolve_seed
 from ..operators.base import FactoredKernel, KernelOperator, as_operator
 from . import adaptive as adapt
 from . import auto
-from .components import Quantity, RunContext, measure
+from .components import CHEAP_EXACT, SAMPLERS, Quantity, RunContext, measure
 from .methods import DEFAULT_PROBES, EXACT_MAX_ENTRIES, ONE_SIDED, Method, parse_method
 
 __all__ = ["MetricOptions", "estimate", "BUDGET_FACTOR", "BUDGET_FLOOR", "MAX_STORED_ENTRIES"]
@@ -171,6 +171,15 @@ class _Run:
                 f"{self.exact_cost} passes (method='exact')"
             )
 
+    def probe_passes(self) -> int:
+        """AD passes one probe costs this run in all: per kernel for most methods; XTrace of
+        ``‖K‖²`` and ``⟨K₁, K₂⟩`` spends two products (4 passes) per probe on each part."""
+        if self.method is not Method.XTRACE:
+            return _passes_per_probe(self.method) * len(self.distinct)
+        comps = self.quantity.components
+        own = 4 if "sq" in comps else 2 if "tr" in comps else 0
+        return own + 4 * ("cross" in comps) + 4 * ("sq2" in comps)
+
     def passes_now(self) -> int:
         return sum(sum(a[:2]) - sum(b[:2]) for a, b in zip((o.counts() for o in self.distinct), self.before))
 
@@ -209,8 +218,17 @@ class _Run:
         """The tolerance loop: grow the probes until the error bar, or the pass budget, says stop."""
         opts, meth = self.opts, self.method
         max_passes = adapt.DEFAULT_MAX_PASSES if opts.max_passes is None else opts.max_passes  # a tolerance alone must stop
-        per_probe = _passes_per_probe(meth) * len(self.distinct)
-        m = max(2, min(self.m, (max_passes - self.passes_now()) // per_probe))
+        per_probe = self.probe_passes()
+        # the exactly computed components (yᵀKy: one VJP) are spent once, before the first round
+        once = sum(1 for c in self.quantity.components if c in CHEAP_EXACT and c not in SAMPLERS[meth].produces)
+        fewest = 4 if meth is Method.XTRACE and "cross" in self.quantity.components else 2  # XTrace: two test vectors
+        left = max_passes - self.passes_now() - once
+        if left < fewest * per_probe:
+            raise ValueError(
+                f"max_passes={max_passes} cannot pay for the fewest probes of {self.quantity.name} with method={meth.value!r}: "
+                f"{fewest} probes cost {fewest * per_probe + once} passes (the exact value costs {self.exact_cost})"
+            )
+        m = min(self.m, left // per_probe)
         res = adapt.drive(
             self.sample,
             self.passes_now,
@@ -224,6 +242,7 @@ class _Run:
             exact=self.sample_exact if self.exact_fits() else None,
             exact_passes=self.exact_cost,
             probe_cost=per_probe,
+            incremental=meth not in (Method.HUTCHPP, Method.XTRACE),
         )
         self.m = res.num_probes
         self.last_info["adaptive"] = {

@@ -331,12 +331,14 @@ class NTK(FactoredKernel):
         return self._evaluator.run("jvp", U.T.contiguous()).T
 
     def modes(self) -> dict[str, bool]:
-        """Which AD modes work, found by one pass each (counted) the first time."""
+        """Which AD modes work (and by which path, :attr:`paths`), found by one pass each
+        (counted) the first time."""
         out = {}
         for mode in ("jvp", "vjp"):
             if self._evaluator.paths[mode] is None and mode not in self._broken:
+                n = self.num_params if mode == "jvp" else self.dim
                 try:
-                    self.pass_seconds(mode)
+                    (self.jvp if mode == "jvp" else self.vjp)(torch.ones(n, 1, dtype=self.dtype, device=self.device))
                 except RuntimeError:
                     pass
             out[mode] = mode not in self._broken
