@@ -229,3 +229,11 @@ def test_track_refuses_to_overwrite_and_other_every_on_resume(user_file: Path, t
     assert {row["method"] for row in read_rows(out)} == {"jvp"}
     code, err = _run_in_process(*base, "--logger", "bogus", "--overwrite")
     assert code == 2 and "unknown --logger" in err
+
+
+def test_trace_only_methods_in_commands_that_report_every_metric(tmp_path: Path) -> None:
+    """track and run report every metric: their usage error must not suggest a --metrics they lack."""
+    for cmd in (["track", "--steps", "1", "-o", str(tmp_path / "t.csv")], ["run"]):
+        code, err = _run_in_process(*cmd, "--method", "vjp_proj")
+        assert code == 2 and err.strip().count("\n") == 0, err
+        assert "trace only" in err and "--metrics" not in err and "use vjp or jvp" in err

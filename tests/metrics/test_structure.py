@@ -190,3 +190,18 @@ def test_block_jackknife_helpers_against_brute_force() -> None:
     torch.testing.assert_close(corrected, x.mean(0))  # and no bias to remove
     inf_se, same = jk.stderr_and_corrected(mean[:1], x_loo[:1, :1])
     assert math.isinf(float(inf_se)) and torch.equal(same, mean[:1])  # one probe: no spread to measure
+
+
+def test_block_entries_carry_the_jackknife_degrees_of_freedom():
+    """One block's Estimate, and the totals, keep m − 1 degrees of freedom: their ci() uses
+    Student's t as nk.trace's does (the normal quantile covered 0.85–0.92 at 8 probes)."""
+    K, _ = _toy(seed=2, P=64)
+    s = structure(K, "time", num_probes=8, seed=0, axes=("time", "hidden"), shape=(3, 4))
+    e = s.trace.estimate(1)
+    assert e.info["dof"] == 7 and e.info["index"] == [1] and e.quantity == "trace"
+    assert s.trace.ci(1) == e.ci() and s.total_trace.info["dof"] == 7
+    t = nk.trace(K, method="jvp", num_probes=8, seed=0)
+    lo, hi = s.total_trace.ci()
+    assert (lo, hi) == pytest.approx(t.ci(), rel=1e-9)
+    normal = (e.value * math.exp(-1.96 * e.stderr / e.value), e.value * math.exp(1.96 * e.stderr / e.value))
+    assert e.ci()[0] < normal[0] and e.ci()[1] > normal[1]  # t(7) is wider than the normal quantile

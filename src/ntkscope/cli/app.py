@@ -239,7 +239,7 @@ def run(
     quiet: QuietOpt = False,
 ) -> None:
     """The built-in demo: train a small MLP (sklearn digits) and a small GRU (3-bit flip-flop) briefly, then estimate trace, Frobenius norm, effective rank and kernel-target alignment of each NTK with ± stderr, AD passes and wall time, next to the exact values and the speed-up."""  # noqa: E501
-    _check_method(method, compare.METRICS)  # the demo reports every metric
+    _check_method(method, compare.METRICS, fixed_metrics=True)  # the demo reports every metric
     main_process = _init_distributed()
     t0 = time.perf_counter()
     with _errors(), _progress(quiet or not main_process) as update:
@@ -324,15 +324,17 @@ def estimate(
     _finish_distributed()
 
 
-def _check_method(method: str, names: Sequence[str]) -> None:
+def _check_method(method: str, names: Sequence[str], fixed_metrics: bool = False) -> None:
     """An unknown ``--method``, or one that cannot estimate every metric asked for: exit 2
-    before any model is loaded or trained."""
+    before any model is loaded or trained (``fixed_metrics``: the command reports every metric,
+    so there is no --metrics to narrow)."""
     methods = [m.value for m in Method]
     if method not in methods:
         raise _fail(f"unknown --method {method!r}; choose one of {', '.join(methods)}", EXIT_USAGE)
     if method in (Method.VJP_PROJ.value, Method.JVP_PROJ.value) and any(n != "trace" for n in names):
         others = ", ".join(n for n in names if n != "trace")
-        raise _fail(f"--method {method} estimates the trace only (not {others}): add --metrics trace, or use vjp/jvp", EXIT_USAGE)
+        fix = "use vjp or jvp (this command reports every metric)" if fixed_metrics else "add --metrics trace, or use vjp/jvp"
+        raise _fail(f"--method {method} estimates the trace only (not {others}): {fix}", EXIT_USAGE)
 
 
 def _check_estimate_options(method: str, probe_kind: str | None, rtol: float | None, names: list[str]) -> None:
@@ -395,7 +397,7 @@ def track(
     """Train a model and record its NTK metrics every --every steps: trace, effective rank, alignment of K_t with K_0 (how far the kernel moved) and kernel-target alignment, each ± stderr.
 
     Ctrl-C keeps every row written so far; run the same command with --resume to continue; the rows equal those of an uninterrupted run (fixed probe seeds per step, checkpointed model, optimizer and RNG)."""  # noqa: E501
-    _check_method(method, tr.TRACK_METRICS)
+    _check_method(method, tr.TRACK_METRICS, fixed_metrics=True)
     if optimizer not in OPTIMIZERS:
         raise _fail(f"unknown --optimizer {optimizer!r}; choose sgd or adam", EXIT_USAGE)
     for flag, value in (("--lr", lr), ("--init-scale", init_scale)):

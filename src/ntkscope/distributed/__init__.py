@@ -371,6 +371,9 @@ class ShardedNTK(FactoredKernel):
         if not is_initialized():
             raise RuntimeError("ShardedNTK needs torch.distributed to be initialised (see init_from_env)")
         self.local = op
+        # as the local kernel: its modes() check passes count inside auto's budget, so a seed
+        # gives the same answer sharded as in one process
+        self.times_passes = bool(op.times_passes)
         self.group = group
         self.probe_group = probe_group
         self.stats = CommStats()
@@ -478,12 +481,6 @@ class ShardedNTK(FactoredKernel):
     def modes(self) -> dict[str, bool]:
         mine = self.local.modes()
         return {k: self._all(v) for k, v in mine.items()}
-
-    @property  # type: ignore[override]
-    def times_passes(self) -> bool:
-        """As the local kernel: its :meth:`modes` check passes count inside ``auto``'s budget,
-        so a seed gives the same answer sharded as in one process."""
-        return bool(self.local.times_passes)
 
     @property
     def paths(self) -> dict[str, str | None]:

@@ -54,8 +54,13 @@ class BlockEstimate:
         return None if self.stderr is None else self.stderr / self.values.abs()
 
     def estimate(self, *index: int) -> Estimate:
-        """One entry as an :class:`Estimate`."""
+        """One entry as an :class:`Estimate` (``info["index"]`` says which), with the jackknife's
+        ``m − 1`` degrees of freedom, so that its :meth:`~ntkscope.Estimate.ci` uses Student's t
+        as the whole-kernel estimates do (the normal quantile covered 0.85–0.92 at 8 probes)."""
         se = None if self.stderr is None else float(self.stderr[index])
+        info: dict[str, Any] = {"index": list(index)}
+        if se is not None and self.num_probes > 1:
+            info["dof"] = self.num_probes - 1
         return Estimate(
             float(self.values[index]),
             se,
@@ -64,9 +69,14 @@ class BlockEstimate:
             self.num_probes,
             self.method,
             self.seconds,
-            f"{self.quantity}{list(index)}",
+            self.quantity,
             self.stderr is None,
+            info,
         )
+
+    def ci(self, *index: int, level: float = 0.95) -> tuple[float, float]:
+        """The confidence interval of one entry (see :meth:`ntkscope.Estimate.ci`)."""
+        return self.estimate(*index).ci(level)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -139,6 +149,8 @@ def total_estimate(
     if loo is not None:
         s, b = jk.stderr_and_corrected(full, loo)
         se = float(s)
+        if loo.shape[0] > 1:
+            info["dof"] = int(loo.shape[0]) - 1
         if ratio:
             info["bias_corrected"] = float(b)
     exact = cost.method == "exact"
