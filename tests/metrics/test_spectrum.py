@@ -111,3 +111,25 @@ def test_slq_is_exact_for_low_rank() -> None:
     assert e.passes <= 2 * 5 * 4
     # every probe has a different weight on each eigenvector, so the ratio still has probe noise
     assert abs(e.value - sp.entropy_rank_of(lam)) <= 4 * e.stderr
+
+
+def test_slq_runs_every_probe_in_one_block_per_step() -> None:
+    """SLQ pushes its probes through K together (one block per Lanczos step, not one vector per
+    probe and step), with the same recurrences as one Lanczos run per probe."""
+    from ntkscope.core.linalg import lanczos, lanczos_many
+
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(60, 60, dtype=torch.float64, generator=g)
+    A = A @ A.T
+    L = torch.randn(60, 3, dtype=torch.float64, generator=g)
+    V = torch.randn(60, 5, dtype=torch.float64, generator=g)
+    for M in (A, L @ L.T):  # full rank, and rank 3 (every run stops at its invariant subspace)
+        for col, (alpha, beta) in enumerate(lanczos_many(lambda X, M=M: M @ X, V, 20)):
+            a, b, _ = lanczos(lambda x, M=M: M @ x, V[:, col], 20)
+            assert torch.allclose(alpha, a, atol=1e-9) and torch.allclose(beta, b, atol=1e-9)
+    calls = []
+    op = nk.DenseOperator(A)
+    inner = op.matmat
+    op.matmat = lambda X: (calls.append(X.shape[-1]), inner(X))[1]  # type: ignore[method-assign]
+    nk.spectral_density(op, num_probes=6, steps=10, seed=0)
+    assert len(calls) == 10 and calls[0] == 6

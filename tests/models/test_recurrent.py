@@ -341,3 +341,38 @@ def test_builtin_sequence_tasks_through_submodule():
     assert K3.state_shape == (2, 2, 6, 4) and K3.axes == ("layer", "batch", "time", "hidden")
     s = structure(K3, ("layer", "time"), method="exact")
     assert s.trace.values.shape == (2, 6)
+
+
+def test_submodule_hidden_ntk_unbatched_dict_inputs_and_h0() -> None:
+    """``hidden_ntk(model, x, submodule=)``: an unbatched sequence (T, features) is a batch of
+    one (the injected zero state is 2-D, as nn.GRU expects); a dict of inputs is keyword
+    arguments, as for NTK; an ``h0`` the model would override is refused, not ignored."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.out = nn.GRU(3, 4), nn.Linear(4, 1)
+
+        def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+            return self.out(self.rnn(x * scale)[0])
+
+    torch.manual_seed(0)
+    net = Net().double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    one = nk.trace(nk.hidden_ntk(net, x, submodule="rnn"), method="exact").value
+    batched = nk.trace(nk.hidden_ntk(net, x[:, None], submodule="rnn"), method="exact").value
+    assert one == pytest.approx(batched, rel=1e-12)
+    kw = nk.trace(nk.hidden_ntk(net, {"x": x[:, None], "scale": 2.0}, submodule="rnn"), method="exact").value
+    assert kw == pytest.approx(nk.trace(nk.hidden_ntk(net, x[:, None] * 2.0, submodule="rnn"), method="exact").value, rel=1e-12)
+    assert kw != pytest.approx(batched)
+
+    class OwnState(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.h = nn.GRU(3, 4), nn.Parameter(torch.zeros(1, 1, 4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.rnn(x, self.h)[0]
+
+    with pytest.raises(ValueError, match="passes its own initial state"):
+        nk.hidden_ntk(OwnState().double(), x[:, None], submodule="rnn", h0=torch.ones(1, 1, 4, dtype=torch.float64))

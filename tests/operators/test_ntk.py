@@ -262,7 +262,7 @@ def test_active_dropout_is_refused() -> None:
 
     W = torch.randn(3, 2, dtype=torch.float64)
     state = torch.random.get_rng_state()
-    with pytest.raises(ValueError, match="is random: two forward passes on the same inputs differ"):
+    with pytest.raises(ValueError, match="is random or stateful: two forward passes on the same inputs differ"):
         nk.NTK.from_function(fn, {"W": W}, X)
     assert torch.equal(torch.random.get_rng_state(), state)  # the user's random stream did not move
 
@@ -421,3 +421,42 @@ def test_a_forward_that_writes_its_parameters_analyses_a_copy() -> None:
     for method, values in sampled.items():  # unbiased: the mean of 100 seeds within 4 standard errors
         v = torch.tensor(values, dtype=torch.float64)
         assert abs(float(v.mean()) - exact) < 4 * float(v.std()) / 10, method
+
+
+def test_errors_name_the_real_problem() -> None:
+    """Errors about output=, the state's dtype and jit modules say what is wrong (they were
+    blamed on "the given inputs", or said "got Tensor"); a tied parameter's second name is its
+    first."""
+    x = torch.randn(5, 4, dtype=torch.float64)
+
+    class Dct(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> Any:
+            return {"logits": self.a(x)}
+
+    class Tup(Dct):
+        def forward(self, x: torch.Tensor) -> Any:
+            return self.a(x), self.a(x).argmax(-1)
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.out = nn.Embedding(7, 4), nn.Linear(4, 7, bias=False)
+            self.out.weight = self.emb.weight
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return self.out(self.emb(t))
+
+    with pytest.raises(ValueError, match=r"^output=0 indexes a tuple or list, but the model returned a mapping with keys \['logits'\]"):
+        nk.NTK(Dct().double(), x, output=0)
+    with pytest.raises(TypeError, match="floating-point tensor, got a tensor of dtype torch.int64"):
+        nk.NTK(Tup().double(), x, output=1)
+    with pytest.raises(TypeError, match="torch.jit module.*pass the original nn.Module"):
+        nk.NTK(torch.jit.script(nn.Sequential(nn.Linear(4, 3)).double()), x)
+    t, tied = torch.tensor([[1, 2]]), Tied().double()
+    by_alias = nk.NTK(tied, t, params=["out.weight"])
+    assert by_alias.param_names == ["emb.weight"]
+    assert nk.trace(by_alias, method="exact").value == pytest.approx(nk.trace(nk.NTK(tied, t), method="exact").value, rel=1e-12)

@@ -64,6 +64,47 @@ def lanczos(
     return torch.tensor(alpha, dtype=torch.float64), torch.tensor(beta[: k - 1], dtype=torch.float64), V[:, :k]
 
 
+def lanczos_many(
+    matmat: Callable[[torch.Tensor], torch.Tensor], V0: torch.Tensor, steps: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`lanczos` from every column of ``V0`` (n × m) at once: one ``matmat`` of the columns
+    still running per step (a block of probes through the model, not m single passes), each column
+    reorthogonalised against its own basis only.  Returns ``(alpha, beta)`` per column; a column
+    stops at its invariant subspace as :func:`lanczos` does."""
+    X = V0.to(torch.float64)
+    n, m = X.shape
+    steps = min(steps, n)
+    basis = torch.zeros(m, steps, n, dtype=torch.float64, device=X.device)
+    basis[:, 0] = (X / torch.linalg.vector_norm(X, dim=0)).T
+    alphas: list[list[float]] = [[] for _ in range(m)]
+    betas: list[list[float]] = [[] for _ in range(m)]
+    scale = torch.zeros(m, dtype=torch.float64)
+    active = list(range(m))
+    for j in range(steps):
+        idx = torch.tensor(active, device=X.device)
+        Q = basis[idx, : j + 1]  # (k, j + 1, n)
+        W = matmat(Q[:, j].T.contiguous()).to(torch.float64).T  # (k, n)
+        a = (Q[:, j] * W).sum(1)
+        for _ in range(2):  # classical Gram–Schmidt twice, per column
+            W = W - torch.einsum("ksn,ks->kn", Q, torch.einsum("ksn,kn->ks", Q, W))
+        b = torch.linalg.vector_norm(W, dim=1)
+        still = []
+        for r, col in enumerate(active):
+            alphas[col].append(float(a[r]))
+            scale[col] = max(float(scale[col]), abs(float(a[r])), float(b[r]))
+            if j == steps - 1 or float(b[r]) <= 1e-12 * max(float(scale[col]), 1e-300):
+                continue
+            betas[col].append(float(b[r]))
+            basis[col, j + 1] = W[r] / b[r]
+            still.append(col)
+        active = still
+        if not active:
+            break
+    return [
+        (torch.tensor(al, dtype=torch.float64), torch.tensor(be[: len(al) - 1], dtype=torch.float64)) for al, be in zip(alphas, betas)
+    ]
+
+
 def tridiag_eig(alpha: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigen-decomposition of the symmetric tridiagonal matrix with diagonal ``alpha``, off-diagonal ``beta``."""
     T = torch.diag(alpha) + torch.diag(beta, 1) + torch.diag(beta, -1)

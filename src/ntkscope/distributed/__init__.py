@@ -45,8 +45,9 @@ probe group (none when the data group is the whole world: pure data-parallel).
 
 **Pass counts.**  ``Estimate.jvp_passes``/``vjp_passes`` are the job's totals: with
 probe-parallel, the passes of every rank splitting the probes summed (the single-process count,
-plus replicated work such as pilots and exact parts once per rank); the rank's own share is in
-``info["rank_passes"]``.  With data-parallel a pass is one pass over the rank's shard, counted
+plus replicated work such as pilots and exact parts once per rank, and under ``rtol=`` the
+products a rank recomputes because each round splits all its probes afresh: 20–30 % more than one
+process in a measured 2-rank run); the rank's own share is in ``info["rank_passes"]``.  With data-parallel a pass is one pass over the rank's shard, counted
 once per global probe like a single process.  :func:`job_passes` returns the totals.
 
 **Failures.**  Errors while evaluating probes or shard passes are agreed on collectively: the

@@ -36,7 +36,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..operators import rules as _rules
-from ..operators.modules import analysis_module, check_no_dropout, select_params
+from ..operators.modules import analysis_module, check_no_dropout, select_params, split_inputs
 from ..operators.ntk import NTK
 from .axes import BATCH, DIRECTION, HIDDEN, LAYER, TIME
 
@@ -84,13 +84,14 @@ def _seq_axes(batch_first: bool) -> list[str]:
 
 
 def _zero_state(model: nn.RNNBase, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """PyTorch's own zero initial state, made explicit (and built from x: dtype, device)."""
+    """PyTorch's own zero initial state, made explicit (and built from x: dtype, device); 2-D
+    (no batch axis) for an unbatched sequence ``x (T, features)``, as the module expects."""
     nd = 2 if model.bidirectional else 1
-    batch = x.shape[0] if model.batch_first else x.shape[1]
+    batch = () if x.dim() == 2 else (x.shape[0] if model.batch_first else x.shape[1],)
     out_size = model.proj_size if getattr(model, "proj_size", 0) else model.hidden_size
-    h0 = x.new_zeros(model.num_layers * nd, batch, out_size)
+    h0 = x.new_zeros(model.num_layers * nd, *batch, out_size)
     if isinstance(model, nn.LSTM):
-        return (h0, x.new_zeros(model.num_layers * nd, batch, model.hidden_size))
+        return (h0, x.new_zeros(model.num_layers * nd, *batch, model.hidden_size))
     return h0
 
 
@@ -270,6 +271,11 @@ def _submodule_ntk(
         # inject an explicit zero initial state when the model lets the module make its own
         if len(args) == 1 and kwargs.get("hx") is None:
             kwargs = {**kwargs, "hx": h0 if h0 is not None else _zero_state(sub, args[0])}
+        elif h0 is not None:
+            raise ValueError(
+                f"h0= was given, but the model passes its own initial state to submodule {submodule!r}: "
+                "drop h0= (the model's state is the one used)"
+            )
         return args, kwargs
 
     def hook(mod: nn.Module, args: tuple[Any, ...], out: Any) -> None:
@@ -280,14 +286,16 @@ def _submodule_ntk(
         part = net.get_submodule(submodule)
         handles = [part.register_forward_pre_hook(pre_hook, with_kwargs=True), part.register_forward_hook(hook)]
         try:
-            args = tuple(x) if isinstance(x, (tuple, list)) else (x,)
-            functional_call(net, p, args, strict=False)
+            args, kwargs = split_inputs(x)  # as NTK reads them: a dict is keyword arguments
+            functional_call(net, p, args, kwargs, strict=False)
         finally:
             for h in handles:
                 h.remove()
         if len(captured) != 1:
             raise ValueError(f"submodule {submodule!r} ran {len(captured)} times in one forward pass; expected once")
         out = captured[0]
+        if out.dim() == 2:  # an unbatched sequence (T, ·): a batch of one
+            out = out.unsqueeze(0 if sub.batch_first else 1)
         return out.reshape(*out.shape[:2], nd, -1) if nd == 2 else out
 
     check_no_dropout(model)

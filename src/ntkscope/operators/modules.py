@@ -43,16 +43,20 @@ def select_params(
     Tied parameters appear once.
     """
     named = dict(model.named_parameters())  # tied parameters appear once
+    # a tied parameter's other names (``out.weight`` tied to ``emb.weight``) mean its first one
+    canonical = {id(p): n for n, p in named.items()}
+    alias = {n: canonical[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}
     overrides: dict[str, torch.Tensor] = {}
     if params is None:
         names = [n for n, p in named.items() if p.requires_grad]
     elif isinstance(params, Mapping):
-        unknown = [n for n in params if n not in named]
+        unknown = [n for n in params if n not in alias]
         if unknown:
             raise ValueError(f"unknown parameter names {unknown}; the model has {list(named)[:8]}...")
-        names = list(params)
+        given = {alias[n]: v for n, v in params.items()}
+        names = list(given)
         for n in names:
-            v = params[n]
+            v = given[n]
             if not isinstance(v, torch.Tensor) or v.shape != named[n].shape:
                 raise ValueError(f"parameter {n!r}: expected a tensor of shape {tuple(named[n].shape)}")
             overrides[n] = v.detach()
@@ -61,9 +65,9 @@ def select_params(
         names = []
         for item in params:
             if isinstance(item, str):
-                if item not in named:
-                    raise ValueError(f"unknown parameter name {item!r}")
-                names.append(item)
+                if item not in alias:
+                    raise ValueError(f"unknown parameter name {item!r}; the model has {list(named)[:8]}...")
+                names.append(alias[item])
             elif isinstance(item, torch.Tensor) and id(item) in by_id:
                 names.append(by_id[id(item)])
             else:
@@ -178,13 +182,17 @@ def inputs_equal(a: Any, b: Any) -> bool:
     return all(x.shape == y.shape and torch.equal(x.cpu(), y.cpu()) for x, y in zip(ta, tb))
 
 
+class OutputError(ValueError):
+    """``output=`` does not fit what the model returned (raised as it is, never blamed on the inputs)."""
+
+
 def select_output(out: Any, output: int | str | Callable[[Any], torch.Tensor] | None) -> torch.Tensor:
     """The state in a model's return value: ``out`` itself (``output=None``, it must be a
     tensor), an index, a key or attribute name, or ``output(out)``."""
     if output is None:
         if isinstance(out, torch.Tensor):
             return out
-        raise ValueError(
+        raise OutputError(
             f"the model returned a {type(out).__name__}, not a tensor: pass output= (an index, a key or "
             "attribute name, or a callable) to choose the state, e.g. output=0 for the output sequence of nn.GRU"
         )
@@ -192,19 +200,23 @@ def select_output(out: Any, output: int | str | Callable[[Any], torch.Tensor] | 
         return output(out)
     if isinstance(output, int):
         if isinstance(out, torch.Tensor):  # out[0] would silently be the first sample
-            raise ValueError(
+            raise OutputError(
                 f"output={output} indexes a tuple or list the model returns, but it returned one tensor of shape "
                 f"{tuple(out.shape)}: leave output unset to use all of it (or pass a callable, e.g. lambda out: out[{output}])"
             )
-        if isinstance(out, (tuple, list)) and not -len(out) <= output < len(out):
-            raise ValueError(f"output={output}: the model returned a {type(out).__name__} of {len(out)} items")
+        if isinstance(out, Mapping):
+            raise OutputError(f"output={output} indexes a tuple or list, but the model returned a mapping with keys {list(out)}")
+        if not isinstance(out, (tuple, list)):
+            raise OutputError(f"output={output} indexes a tuple or list, but the model returned a {type(out).__name__}")
+        if not -len(out) <= output < len(out):
+            raise OutputError(f"output={output}: the model returned a {type(out).__name__} of {len(out)} items")
         return out[output]
     if isinstance(out, Mapping):
         if output not in out:
-            raise ValueError(f"output={output!r} is not a key of the model's return value; its keys are {list(out)}")
+            raise OutputError(f"output={output!r} is not a key of the model's return value; its keys are {list(out)}")
         return out[output]
     if not hasattr(out, output):
-        raise ValueError(f"output={output!r}: the model's {type(out).__name__} return value has no such attribute")
+        raise OutputError(f"output={output!r}: the model's {type(out).__name__} return value has no such attribute")
     return getattr(out, output)
 
 

@@ -18,6 +18,7 @@ from . import rules as _rules
 from .base import FactoredKernel, _as_block, _DenseFactor
 from .evaluators import Evaluator, quiet, sqnorms
 from .modules import (
+    OutputError,
     ParameterWrite,
     RefuseWrites,
     analysis_module,
@@ -91,6 +92,11 @@ class NTK(FactoredKernel):
             rules = fast
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}; use NTK.from_function for functions")
+        if isinstance(model, torch.jit.ScriptModule):
+            raise TypeError(
+                f"{type(model).__name__} is a torch.jit module, which torch.func cannot differentiate per parameter: "
+                "pass the original nn.Module"
+            )
         check_no_dropout(model)
         self.model = model
         self.inputs = inputs = detached(inputs)
@@ -209,7 +215,8 @@ class NTK(FactoredKernel):
         with torch.no_grad(), quiet(), torch.random.fork_rng(devices=[]):
             z = self._first_forward(fn, what, {} if fixed is None else fixed)
             if not isinstance(z, torch.Tensor) or not z.is_floating_point():
-                raise TypeError(f"the state must be a floating-point tensor, got {type(z).__name__}")
+                got = f"a tensor of dtype {z.dtype}" if isinstance(z, torch.Tensor) else f"a {type(z).__name__}"
+                raise TypeError(f"the state must be a floating-point tensor, got {got}: choose it with output=")
             if not torch.isfinite(z).all():
                 raise ValueError(f"{what} produced non-finite outputs (nan or inf) on the given inputs")
             # A random forward (functional dropout, noise injection) has no NTK.  vmap catches it
@@ -220,8 +227,9 @@ class NTK(FactoredKernel):
             scale = float(z.abs().max())
             if not (isinstance(z2, torch.Tensor) and z2.shape == z.shape and torch.allclose(z2, z, rtol=1e-4, atol=1e-6 * scale)):
                 raise ValueError(
-                    f"{what} is random: two forward passes on the same inputs differ (e.g. dropout in training "
-                    "mode), so its NTK is not defined: call model.eval() or remove the randomness first"
+                    f"{what} is random or stateful: two forward passes on the same inputs differ (e.g. dropout in "
+                    "training mode, or the power iteration of torch.nn.utils.spectral_norm), so its NTK is not defined: "
+                    "call model.eval() or remove the randomness first"
                 )
         self.state_shape = tuple(z.shape)
         self.state = z.detach()
@@ -248,6 +256,8 @@ class NTK(FactoredKernel):
             try:
                 with RefuseWrites(watched):
                     return fn(*self.primals)
+            except OutputError:
+                raise
             except ParameterWrite as w:
                 copied.add(w.name)
                 if w.name in fixed:
