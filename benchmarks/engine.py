@@ -201,7 +201,12 @@ def run(quick: bool, probes: list[int], repeats: int, device: str = "cpu", dtype
                     repeats,
                 )
                 peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
-                limit = _flops(K, side, m) / (gemm * 1e9)
+                if nk.trace(K, method=side, num_probes=m, seed=0).exact:  # the budget covers the side's exact cost
+                    n = K.dim if side == "vjp" else K.num_params
+                    note = (note + "; " if note else "") + f"exact: {m} probes ≥ {'D' if side == 'vjp' else 'P'} = {n}, so {n} passes"
+                    limit = _flops(K, side, n) / (gemm * 1e9)
+                else:
+                    limit = _flops(K, side, m) / (gemm * 1e9)
                 rows.append(
                     {
                         "model": name, "side": side, "m": m, "D": K.dim, "P": K.num_params, "path": K.paths[side], "rules": K.rules,

@@ -169,3 +169,17 @@ def test_norm_and_rank_interval_coverage_across_budgets(small: nk.FactoredKernel
     truth = fn(small, method="exact").value
     cells = _coverage_cells(lambda **k: fn(small, **k), truth, method, RATIO_BUDGETS[method])
     assert not _outside(cells, quantity, method), f"{quantity}/{method}: 95% coverage {cells}"
+
+
+@pytest.mark.parametrize("m", [6, 24])
+def test_target_alignment_jvp_interval_on_a_model(m: int) -> None:
+    """The JVP side estimates yᵀKy from squares ``(yᵀJu)²`` (right-skewed): on the linear scale
+    its interval covered 0.855–0.90 at 6–24 probes; on the log scale, as for the other positive
+    quantities, it is calibrated (300 fixed seeds: binomial sd 1.3 %)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 20), torch.nn.Tanh(), torch.nn.Linear(20, 4)).double()
+    X, y = torch.randn(30, 6, dtype=torch.float64), torch.randn(30, 4, dtype=torch.float64)
+    K = nk.NTK(net, X)
+    truth = nk.target_alignment(K, y, method="exact").value
+    cov = coverage(lambda **k: nk.target_alignment(K, y, **k), truth, "jvp", m, seeds=300)
+    assert 0.90 <= cov <= 0.99, f"target_alignment/jvp at {m} probes: 95% interval covered {cov:.3f}"

@@ -8,7 +8,10 @@ from statistics import NormalDist
 from typing import Any
 
 #: Quantities that are positive for any nonzero kernel: their intervals are taken on the log scale.
-POSITIVE = frozenset({"trace", "frobenius_norm", "frobenius_norm_sq", "effective_rank"})
+#: Target alignment ``yᵀKy / (‖K‖_F‖y‖²)`` is too (K is PSD); its JVP-side numerator, a mean of
+#: squares ``(yᵀJu)²``, is right-skewed: 0.89–0.94 coverage on the linear scale at 6–48 probes,
+#: 0.93–0.96 on the log scale (300 seeds, an MLP with D = 120).
+POSITIVE = frozenset({"trace", "frobenius_norm", "frobenius_norm_sq", "effective_rank", "target_alignment"})
 
 
 @dataclass
