@@ -55,7 +55,7 @@ def _sides(op: FactoredKernel, side: str | None) -> list[str]:
     """Sides to try, best first: the one whose basis is smaller (``min(D, P)`` passes).
 
     No pilot passes: a side whose AD mode turns out unavailable raises ``RuntimeError`` and the
-    other side is tried (:meth:`NTK.modes` would spend timing passes to find out).
+    other side is tried (:meth:`NTK.modes` would spend a check pass per mode to find out).
     """
     if side is not None:
         if side not in ("vjp", "jvp"):

@@ -187,9 +187,9 @@ def resolve(
 ) -> tuple[Method, int, str]:
     """The method ``auto`` runs, its probe count within ``budget`` AD passes per kernel, and why.
 
-    Deterministic (same seed, same budget, whatever the chunk size or an earlier call's timing
-    cache): the budget loses the pilot's passes and an allowance for the one-off pass timing
-    (:data:`TIMING_PASSES` per mode); a one-sided method gets back the pilot passes it reuses,
+    Deterministic (same seed, same budget, whatever the chunk size, the process layout or an
+    earlier call on the kernel): the budget loses the pilot's passes and an allowance for the
+    one-off mode check (:data:`TIMING_PASSES` per mode); a one-sided method gets back the pilot passes it reuses,
     a two-sided one gets half the rest (a K-matvec costs a VJP and a JVP).
     """
     meth, reason = _choose(ops, quantity, budget, seed=seed, info=info, pilot_ops=pilot_ops, probes=probes)
@@ -203,7 +203,7 @@ def resolve(
         reused = int(info.get("pilot", {}).get("sketch", 0)) if "pilot_passes" in info else 0
         m = max(2, budget - spent + reused)
         if spent:
-            reason += f" ({spent} timing/pilot passes, {reused} of them reused, inside the {budget}-pass budget)"
+            reason += f" ({spent} mode-check and pilot passes, {reused} of them reused, inside the {budget}-pass budget)"
     elif meth in (Method.HUTCHINSON, Method.HUTCHPP) and all(isinstance(o, FactoredKernel) for o in ops):
         m = max(3, (budget - spent) // 2)
         reason += f" ({m} K-matvecs = {2 * m} AD passes per kernel, within the pass budget with {spent} pilot passes)"

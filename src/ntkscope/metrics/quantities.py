@@ -10,7 +10,7 @@ Every function takes the kernel(s) first, then the arguments they all share, and
   one-sided methods, one K-matvec (a VJP and a JVP) each for the two-sided ones; Hutch++
   splits them into sketch, exact and residual thirds; XTrace uses half as test vectors.  Under
   ``method="auto"``, which has no probes of its own, ``m`` is the cost of ``m`` one-sided
-  probes: a budget of ``m`` AD passes per kernel, pilot and timing passes included, spent on
+  probes: a budget of ``m`` AD passes per kernel, pilot and mode-check passes included, spent on
   the method it picks (a two-sided one gets ``m/2`` matvecs).
 * ``seed``: an int, or a ``torch.Generator`` (advanced by one draw); ``None`` draws fresh
   entropy.  Probe column j depends only on (seed, stream, j), so runs are reproducible and
