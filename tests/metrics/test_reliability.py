@@ -517,3 +517,28 @@ def test_hutchpp_and_xtrace_switch_to_exact_alike() -> None:
         assert e.exact and e.stderr is None and e.passes == truth.passes == 18, (method, e)
         assert e.value == pytest.approx(truth.value, rel=1e-12)
     assert not nk.trace(K, method="hutchpp", num_probes=8, seed=0).exact  # 16 passes < 18
+
+
+def test_exact_costs_one_jacobian_and_budgets_above_it_run_exact() -> None:
+    """The exact value costs min(D, P) passes per kernel, however many components it needs
+    (effective rank spent 2×, alignment 4×); a fixed budget at or above the exact cost of the
+    method's own side returns the exact value, in that side's AD mode."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+    x = torch.randn(6, 5, dtype=torch.float64)  # D = 18, P = 75
+    K = nk.NTK(net, x)
+    K2 = nk.NTK(net, x, params={n: p.detach() * 1.1 for n, p in net.named_parameters()})
+    y = torch.randn(6, 3, dtype=torch.float64)
+    for e in (nk.effective_rank(K, method="exact"), nk.frobenius_norm(K, method="exact"), nk.target_alignment(K, y, method="exact")):
+        assert (e.jvp_passes, e.vjp_passes) == (0, 18), e
+    assert nk.alignment(K, K2, method="exact").passes == 36
+    exact = nk.trace(K, method="exact").value
+    below = nk.trace(K, method="vjp", num_probes=17, seed=0)
+    assert not below.exact and below.vjp_passes == 17
+    for method, m, passes in (("vjp", 18, (0, 18)), ("jvp", 75, (75, 0)), ("hutchinson", 9, (0, 18))):
+        e = nk.trace(K, method=method, num_probes=m, seed=0)
+        assert e.exact and e.stderr is None and (e.jvp_passes, e.vjp_passes) == passes, (method, e)
+        assert e.value == pytest.approx(exact, rel=1e-12)
+    r = nk.effective_rank(K, method="jvp", num_probes=80, seed=0)
+    assert r.exact and (r.jvp_passes, r.vjp_passes) == (75, 0)
+    assert r.value == pytest.approx(nk.effective_rank(K, method="exact").value, rel=1e-10)
