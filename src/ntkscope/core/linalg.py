@@ -39,29 +39,7 @@ def lanczos(
     Returns ``(alpha, beta, V)``: the diagonal and off-diagonal of T and the Lanczos basis.
     Stops early at an invariant subspace (``β`` below round-off), so T may be smaller than steps.
     """
-    v = v0.to(torch.float64) / torch.linalg.vector_norm(v0.to(torch.float64))
-    n = v.numel()
-    steps = min(steps, n)
-    V = torch.zeros(n, steps, dtype=torch.float64, device=v.device)
-    alpha: list[float] = []
-    beta: list[float] = []
-    V[:, 0] = v
-    scale = 0.0
-    for j in range(steps):
-        w = matvec(V[:, j]).to(torch.float64)
-        a = float(V[:, j] @ w)
-        alpha.append(a)
-        # two passes of classical Gram–Schmidt against the whole basis ("twice is enough")
-        for _ in range(2):
-            w = w - V[:, : j + 1] @ (V[:, : j + 1].T @ w)
-        b = float(torch.linalg.vector_norm(w))
-        scale = max(scale, abs(a), b)
-        if j == steps - 1 or b <= 1e-12 * max(scale, 1e-300):
-            break
-        beta.append(b)
-        V[:, j + 1] = w / b
-    k = len(alpha)
-    return torch.tensor(alpha, dtype=torch.float64), torch.tensor(beta[: k - 1], dtype=torch.float64), V[:, :k]
+    return _lanczos_columns(lambda X: matvec(X[:, 0])[:, None], v0[:, None], steps)[0]
 
 
 def lanczos_many(
@@ -71,6 +49,13 @@ def lanczos_many(
     still running per step (a block of probes through the model, not m single passes), each column
     reorthogonalised against its own basis only.  Returns ``(alpha, beta)`` per column; a column
     stops at its invariant subspace as :func:`lanczos` does."""
+    return [(alpha, beta) for alpha, beta, _ in _lanczos_columns(matmat, V0, steps)]
+
+
+def _lanczos_columns(
+    matmat: Callable[[torch.Tensor], torch.Tensor], V0: torch.Tensor, steps: int
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Independent Lanczos runs from the columns of ``V0``: ``(alpha, beta, basis (n × k))`` each."""
     X = V0.to(torch.float64)
     n, m = X.shape
     steps = min(steps, n)
@@ -78,21 +63,21 @@ def lanczos_many(
     basis[:, 0] = (X / torch.linalg.vector_norm(X, dim=0)).T
     alphas: list[list[float]] = [[] for _ in range(m)]
     betas: list[list[float]] = [[] for _ in range(m)]
-    scale = torch.zeros(m, dtype=torch.float64)
+    scale = [0.0] * m
     active = list(range(m))
     for j in range(steps):
         idx = torch.tensor(active, device=X.device)
         Q = basis[idx, : j + 1]  # (k, j + 1, n)
         W = matmat(Q[:, j].T.contiguous()).to(torch.float64).T  # (k, n)
         a = (Q[:, j] * W).sum(1)
-        for _ in range(2):  # classical Gram–Schmidt twice, per column
+        for _ in range(2):  # classical Gram–Schmidt twice against the column's basis ("twice is enough")
             W = W - torch.einsum("ksn,ks->kn", Q, torch.einsum("ksn,kn->ks", Q, W))
         b = torch.linalg.vector_norm(W, dim=1)
         still = []
         for r, col in enumerate(active):
             alphas[col].append(float(a[r]))
-            scale[col] = max(float(scale[col]), abs(float(a[r])), float(b[r]))
-            if j == steps - 1 or float(b[r]) <= 1e-12 * max(float(scale[col]), 1e-300):
+            scale[col] = max(scale[col], abs(float(a[r])), float(b[r]))
+            if j == steps - 1 or float(b[r]) <= 1e-12 * max(scale[col], 1e-300):
                 continue
             betas[col].append(float(b[r]))
             basis[col, j + 1] = W[r] / b[r]
@@ -100,9 +85,11 @@ def lanczos_many(
         active = still
         if not active:
             break
-    return [
-        (torch.tensor(al, dtype=torch.float64), torch.tensor(be[: len(al) - 1], dtype=torch.float64)) for al, be in zip(alphas, betas)
-    ]
+    out = []
+    for col, (al, be) in enumerate(zip(alphas, betas)):
+        k = len(al)
+        out.append((torch.tensor(al, dtype=torch.float64), torch.tensor(be[: k - 1], dtype=torch.float64), basis[col, :k].T))
+    return out
 
 
 def tridiag_eig(alpha: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,11 +21,11 @@ from ..core.probes import Probe, ProbeStream, Stream
 from ..operators.base import FactoredKernel, KernelOperator
 from .methods import EXACT_MAX_ENTRIES, ONE_SIDED, Method
 
-__all__ = ["choose_method", "forced_side", "slow_path", "resolve", "PILOT_MAX", "TIMING_PASSES"]
+__all__ = ["choose_method", "forced_side", "slow_path", "resolve", "PILOT_MAX", "MODE_CHECK_PASSES"]
 
 #: Passes ``NTK.modes`` spends per AD mode, once per kernel, to find which modes work and by
 #: which path (counted inside auto's budget, whether or not a call spends them).
-TIMING_PASSES = 1
+MODE_CHECK_PASSES = 1
 #: Largest pilot sketch of ``auto`` (2 AD passes per column, half of them reusable).
 PILOT_MAX = 16
 _PILOT_QUANTITIES = {"trace", "frobenius_norm", "frobenius_norm_sq", "effective_rank", "target_alignment"}
@@ -189,15 +189,15 @@ def resolve(
 
     Deterministic (same seed, same budget, whatever the chunk size, the process layout or an
     earlier call on the kernel): the budget loses the pilot's passes and an allowance for the
-    one-off mode check (:data:`TIMING_PASSES` per mode); a one-sided method gets back the pilot passes it reuses,
+    one-off mode check (:data:`MODE_CHECK_PASSES` per mode); a one-sided method gets back the pilot passes it reuses,
     a two-sided one gets half the rest (a K-matvec costs a VJP and a JVP).
     """
     meth, reason = _choose(ops, quantity, budget, seed=seed, info=info, pilot_ops=pilot_ops, probes=probes)
     meth, reason = executor.agree((meth, reason))  # ranks splitting probes must run the same method
     n_kernels = len({id(o) for o in ops})
-    timed = any(isinstance(o, FactoredKernel) and o.times_passes for o in ops)
-    timing = 2 * TIMING_PASSES if meth is not Method.EXACT and timed else 0
-    spent = (int(info.get("pilot_passes", 0)) + timing) // n_kernels
+    checked = any(isinstance(o, FactoredKernel) and o.times_passes for o in ops)
+    checks = 2 * MODE_CHECK_PASSES if meth is not Method.EXACT and checked else 0
+    spent = (int(info.get("pilot_passes", 0)) + checks) // n_kernels
     m = budget
     if meth in ONE_SIDED:
         reused = int(info.get("pilot", {}).get("sketch", 0)) if "pilot_passes" in info else 0

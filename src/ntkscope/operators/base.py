@@ -119,7 +119,8 @@ class FactoredKernel(KernelOperator):
         """Which AD modes work (``{"jvp": bool, "vjp": bool}``)."""
         return {"jvp": True, "vjp": True}
 
-    #: Whether :meth:`pass_seconds` times passes (spending a few, once per AD mode).
+    #: Whether this kernel runs AD passes of its own: :meth:`modes` spends a check pass per mode
+    #: (once; ``auto`` counts them in its budget) and :meth:`pass_seconds` times a few.
     times_passes: bool = False
 
     def pass_seconds(self, mode: str, probes: int = 4) -> float | None:
