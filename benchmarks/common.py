@@ -161,3 +161,52 @@ def bare_funcs(model: nn.Module, x: Any, output: int | None) -> tuple[Callable[[
         return vmap(lambda *t: jvp(f, params, t)[1])(*tangents)
 
     return vjp_block, jvp_block, z.numel(), sum(sizes)
+
+
+#: The matrix-product ops whose replay makes up :func:`product_floor`.
+_PRODUCT_OPS = ("mm", "addmm", "bmm", "baddbmm", "addbmm", "convolution", "convolution_backward")
+
+
+def product_floor(fn: Callable[[], Any], repeats: int = 3) -> float:
+    """Seconds the matrix products ``fn`` runs take on their own: every ``mm``/``bmm``/convolution
+    call is recorded with its shapes and strides, then replayed on fresh tensors of the same layout
+    (median of ``repeats`` per distinct call, times its count).  Unlike FLOPs ÷ a square GEMM's
+    rate, this is the floor at the shapes the model has (a K = 64 GEMM runs well below the
+    1024² rate), so ``time ÷ floor`` is what element-wise work, memory traffic and Python cost."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls: Counter[tuple[Any, ...]] = Counter()
+
+    def spec(a: Any) -> Any:
+        if isinstance(a, torch.Tensor):
+            return ("T", tuple(a.shape), tuple(a.stride()), a.dtype, a.device.type)
+        if isinstance(a, (list, tuple)):
+            return tuple(spec(x) for x in a)
+        return ("V", a)
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if func.overloadpacket.__name__ in _PRODUCT_OPS:
+                calls[(func, spec(args), tuple(sorted((kwargs or {}).items())))] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        fn()
+
+    def build(s: Any) -> Any:
+        if isinstance(s, tuple) and s and s[0] == "T":
+            _, shape, stride, dtype, dev = s
+            n = 1 + sum((k - 1) * st for k, st in zip(shape, stride)) if all(shape) else 0
+            flat = torch.randn(n, device=dev).to(dtype) if dtype.is_floating_point else torch.zeros(n, dtype=dtype, device=dev)
+            return flat.as_strided(shape, stride)  # the same layout, broadcast (stride-0) axes included
+        if isinstance(s, tuple) and s and s[0] == "V":
+            return s[1]
+        return type(s)(build(x) for x in s) if isinstance(s, tuple) else s
+
+    total = 0.0
+    for (func, args, kwargs), n in calls.items():
+        built = build(args)
+        total += n * median_time(lambda: func(*built, **dict(kwargs)), repeats, warmup=1)
+    return total

@@ -92,7 +92,7 @@ def test_unbiased_alignment_and_target_numerators() -> None:
     exact = float(((J1 @ J1.T) * (J2 @ J2.T)).sum())
     y = torch.randn(J1.shape[0], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     exact_y = float((J1.T @ y).square().sum())
-    res: dict[str, list[float]] = {"hutchinson": [], "hutchpp": [], "vjp": [], "jvp": [], "target-jvp": []}
+    res: dict[str, list[float]] = {"hutchinson": [], "hutchpp": [], "vjp": [], "jvp": [], "jvp-shared": [], "target-jvp": []}
     m = 10
     for s in range(SEEDS):
         st = ProbeStream(A.dim, Probe.RADEMACHER, s, 0, torch.float64)
@@ -105,6 +105,9 @@ def test_unbiased_alignment_and_target_numerators() -> None:
         U1 = est.onesided(A, "jvp", su.columns, m, keep=True)
         U2 = est.onesided(B, "jvp", su.child(Stream.SECOND).columns, m, keep=True)
         res["jvp"].append(float(jk.pair_mean_loo((U1 @ U2.T) ** 2, independent_diag=True)[0]))
+        # the same u for both kernels (P₁ = P₂, what alignment does): pairs i ≠ j only
+        U2s = est.onesided(B, "jvp", su.columns, m, keep=True)
+        res["jvp-shared"].append(float(jk.pair_mean_loo((U1 @ U2s.T) ** 2)[0]))
         res["target-jvp"].append(float((U1 @ y).square().mean()))
     for k, v in res.items():
         _assert_unbiased(v, exact_y if k.startswith("target") else exact, f"numerator/{k}")

@@ -183,3 +183,60 @@ def test_target_alignment_jvp_interval_on_a_model(m: int) -> None:
     truth = nk.target_alignment(K, y, method="exact").value
     cov = coverage(lambda **k: nk.target_alignment(K, y, **k), truth, "jvp", m, seeds=300)
     assert 0.90 <= cov <= 0.99, f"target_alignment/jvp at {m} probes: 95% interval covered {cov:.3f}"
+
+
+# -- alignments near 1 (a kernel against a nearby one: training from its own initial kernel) ---------
+
+
+def _gru_and_nearby() -> tuple[nk.NTK, nk.NTK]:
+    """A GRU with a readout, and the same model with every parameter moved by 0.05·N(0, 1): the
+    block alignments are 0.992 and 0.998 (D = 60)."""
+    torch.manual_seed(0)
+
+    class GRUReadout(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.out = torch.nn.GRU(3, 8, batch_first=True), torch.nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(self.rnn(x)[0][:, -1])
+
+    net = GRUReadout()
+    X = torch.randn(30, 5, 3).double()
+    net.double()
+    moved = {k: v.detach() + 0.05 * torch.randn_like(v) for k, v in net.named_parameters()}  # the QA's draw
+    return nk.NTK(net, X), nk.NTK(net, X, params=moved)
+
+
+def test_block_alignment_near_one_is_calibrated_on_the_jvp_side() -> None:
+    """Per-block JVP alignments of 0.99 come with a stderr that shrinks as the estimate nears 1:
+    at 96 probes the linear interval covered 0.87 and 0.92 of 200 seeds, and did not improve with
+    probes (QA: 0.87 at 32 too); on Fisher's atanh scale 0.97 and 0.995 — the 0.99 band's edge,
+    binomial sd 0.5 %, hence the upper limit 1.  (At 32 probes a quarter of the JVP estimates
+    exceed 1, where no atanh interval exists, and block 0 still covers 0.86: docs/methods.md.)"""
+    K, K0 = _gru_and_nearby()
+    truth = nk.parameter_blocks(K, other=K0, method="exact").alignment
+    assert truth is not None
+    hits = torch.zeros(len(truth.values))
+    for s in range(SEEDS):
+        r = nk.parameter_blocks(K, other=K0, method="jvp", num_probes=96, seed=s)
+        assert r.alignment is not None
+        for i, want in enumerate(truth.values.tolist()):
+            lo, hi = r.alignment.ci(i)
+            hits[i] += lo <= want <= hi
+    cov = (hits / SEEDS).tolist()
+    assert all(0.93 <= c <= 1.0 for c in cov), f"per-block JVP alignment coverage {cov}"
+
+
+def test_jvp_alignment_of_nearby_kernels_shares_its_probes() -> None:
+    """With P₁ = P₂ both kernels see the same JVP probes, so the cross term moves with the norms:
+    at 32 probes the alignment 0.998 is estimated to ±0.003 (independent probes: ±0.05, as often
+    above 1 as below).  At 96 probes its interval covers 0.985 of 200 seeds (at 32, where 45 % of
+    the estimates exceed 1, 0.90)."""
+    K, K0 = _gru_and_nearby()
+    truth = nk.alignment(K, K0, method="exact").value
+    err = torch.tensor([nk.alignment(K, K0, method="jvp", num_probes=32, seed=s).value - truth for s in range(50)])
+    assert float(err.abs().max()) < 0.02 and float(err.square().mean().sqrt()) < 0.008
+    est = [nk.alignment(K, K0, method="jvp", num_probes=96, seed=s) for s in range(100)]
+    cov = sum(lo <= truth <= hi for lo, hi in (e.ci() for e in est)) / len(est)
+    assert 0.90 <= cov <= 1.0, cov  # 100 seeds: binomial sd 2.2 % at 0.95

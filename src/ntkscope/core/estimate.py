@@ -12,6 +12,12 @@ from typing import Any
 #: squares ``(yᵀJu)²``, is right-skewed: 0.89–0.94 coverage on the linear scale at 6–48 probes,
 #: 0.93–0.96 on the log scale (300 seeds, an MLP with D = 120).
 POSITIVE = frozenset({"trace", "frobenius_norm", "frobenius_norm_sq", "effective_rank", "target_alignment"})
+#: Cosines ``⟨A, B⟩_F / (‖A‖_F‖B‖_F)``: their intervals are taken on Fisher's ``atanh`` scale.  Near 1
+#: (a kernel against its own earlier self) a high estimate comes with a small stderr, and the
+#: linear interval of a per-block JVP alignment of 0.977–0.992 covered 0.87–0.90 (200 seeds, a
+#: GRU with a readout); on the atanh scale 0.965.  Estimates outside (−1, 1) (possible for the
+#: JVP side's U-statistics) keep the linear interval.
+COSINES = frozenset({"alignment"})
 
 
 @dataclass
@@ -67,7 +73,8 @@ class Estimate:
         what keeps the interval's coverage near ``level``.  Positive quantities (trace, norms,
         effective rank) get the interval on the log scale, ``value·exp(±q·stderr/value)``: their
         estimates are right-skewed (a low estimate comes with a small stderr), which a symmetric
-        interval misses from above."""
+        interval misses from above.  Alignments get it on Fisher's scale,
+        ``tanh(atanh(value) ± q·stderr/(1 − value²))``, which keeps it inside (−1, 1)."""
         if self.stderr is None:
             return (self.value, self.value)
         dof = self.info.get("dof")
@@ -80,6 +87,9 @@ class Estimate:
         if self.quantity in POSITIVE and self.value > 0 and math.isfinite(self.stderr):
             r = q * self.stderr / self.value
             return (self.value * math.exp(-r), self.value * math.exp(r))
+        if self.quantity in COSINES and abs(self.value) < 1 and math.isfinite(self.stderr):
+            z, r = math.atanh(self.value), q * self.stderr / (1 - self.value**2)
+            return (math.tanh(z - r), math.tanh(z + r))
         return (self.value - q * self.stderr, self.value + q * self.stderr)
 
     def __float__(self) -> float:
