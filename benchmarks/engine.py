@@ -15,7 +15,10 @@ alternating, medians over repeats:
   attention) it runs with the switch a user would have to find (oneDNN off, math attention),
   and the table says so;
 * **limit** — the matrix-product FLOPs of our passes (``FlopCounterMode``) over this run's
-  measured GEMM rate: the arithmetic floor.
+  measured GEMM rate: the arithmetic floor;
+* **products** — every matrix product of a run (ours, and the bare loop's) replayed alone at its
+  shapes and strides (``common.product_floor``): the floor at the model's own shapes, so
+  ``ours ÷ products`` is what element-wise kernels, memory traffic and Python cost.
 
 Writes ``benchmarks/results/engine[_quick].{json,md}``.
 """

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -79,3 +80,23 @@ def test_engine_table_smoke(tmp_path: Path) -> None:
     assert {row["model"] for row in rows} == {"paper GRU, wrapped", "LSTM, wrapped"}
     assert all(row["path"].endswith("+rules") and row["ours_s"] > 0 and row["bare_s"] > 0 for row in rows)
     assert "ours ÷ bare" in (tmp_path / "engine_quick.md").read_text()
+    assert all(row["products_s"] > 0 and row["bare_products_s"] > 0 for row in rows)  # the replayed matrix products
+
+
+def test_product_floor_replays_the_products_of_a_call() -> None:
+    """common.product_floor times the matrix products a call made, at their shapes and strides
+    (broadcast operands included), and nothing else."""
+    sys.path.insert(0, str(BENCH))
+    from common import product_floor
+
+    A, B = torch.randn(64, 32), torch.randn(32, 16)
+    e = torch.randn(8, 16).expand(4, 8, 16)  # a stride-0 operand, as vmap passes unbatched ones
+    assert product_floor(lambda: (A @ B, torch.bmm(e, B.T.expand(4, 16, 32)))) > 0
+    assert product_floor(lambda: (A + 1).relu()) == 0.0
+
+
+def test_compiled_loop_benchmark_imports() -> None:
+    import subprocess
+
+    r = subprocess.run([sys.executable, str(BENCH / "compiled_loop.py"), "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "torch.compile" in r.stdout, r.stderr[-2000:]

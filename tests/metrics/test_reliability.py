@@ -214,6 +214,17 @@ def test_absurd_budgets_are_refused_with_the_exact_cost() -> None:
     assert r.returncode == 0 and "exact value costs 18" in r.stdout, r.stdout + r.stderr
 
 
+def test_the_budget_guard_counts_what_a_probe_really_costs() -> None:
+    """XTrace's ‖K‖² spends 4 passes per probe (two products of K): the guard against absurd
+    budgets counts 4, not the 2 of its trace (30,000 probes passed it as 60,000 passes)."""
+    torch.manual_seed(0)
+    K = nk.NTK(torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)), torch.randn(6, 5))
+    with pytest.raises(ValueError, match=r"would cost 1.2e\+05 AD passes.*at most 25000 probes"):
+        nk.frobenius_norm(K, method="xtrace", num_probes=30_000)
+    with pytest.raises(ValueError, match=r"would cost 1.2e\+05 AD passes.*at most 50000 probes"):
+        nk.trace(K, method="xtrace", num_probes=60_000)
+
+
 # 7, 15 (chunk_size) ------------------------------------------------------------------------------
 def test_empty_inputs_and_bad_chunk_sizes_are_named() -> None:
     with pytest.raises(ValueError, match="inputs are empty"):

@@ -68,14 +68,14 @@ def _passes_per_probe(meth: Method) -> int:
     return 0 if meth is Method.EXACT else (1 if meth in ONE_SIDED or meth is Method.AUTO else 2)
 
 
-def _check_budget(meth: Method, m: int, n_ops: int, exact_cost: int, quantity: str) -> None:
-    """Refuse budgets far beyond the exact value's cost (they would run for hours or months)."""
-    per = _passes_per_probe(meth)
-    want = per * m * n_ops
+def _check_budget(per_probe: int, m: int, exact_cost: int, quantity: str) -> None:
+    """Refuse budgets far beyond the exact value's cost (they would run for hours or months);
+    ``per_probe``: the AD passes one probe costs the run, over all its kernels."""
+    want = per_probe * m
     if want > max(BUDGET_FACTOR * exact_cost, BUDGET_FLOOR):
         raise ValueError(
             f"num_probes={m} would cost {want:.3g} AD passes for {quantity}, but the exact value costs {exact_cost} "
-            f"(method='exact'); ask for at most {max(BUDGET_FACTOR * exact_cost, BUDGET_FLOOR) // max(per * n_ops, 1)} probes"
+            f"(method='exact'); ask for at most {max(BUDGET_FACTOR * exact_cost, BUDGET_FLOOR) // max(per_probe, 1)} probes"
         )
 
 
@@ -162,7 +162,7 @@ class _Run:
 
     def check_budget(self) -> None:
         name = self.quantity.name
-        _check_budget(self.method, self.m, len(self.distinct), self.exact_cost, name)
+        _check_budget(self.probe_passes(), self.m, self.exact_cost, name)
         limit = _stored_probe_limit(self.method, self.ops, self.quantity)
         if not self.opts.adaptive and limit is not None and self.m > limit:
             raise ValueError(
