@@ -324,9 +324,9 @@ def _sample_onesided(ops: Sequence[KernelOperator], names: tuple[str, ...], ctx:
     """``tr K = E‖Jᵀw‖²`` (or ``E‖Ju‖²``); norms and inner products as U-statistics over the
     probe Gram of the same products (Hazelden 2025).  Two kernels share their probes wherever
     the probe spaces agree (always for VJPs, both in R^D; for JVPs when P₁ = P₂): the cross
-    term then moves with the norms, and an alignment near 1 is estimated near 1 (independent
-    JVP probes gave 0.998 ± 0.003 as often above 1 as below).  JVP probes of kernels with
-    P₁ ≠ P₂ are independent."""
+    term then moves with the norms, and an alignment near 1 is estimated near 1 (a GRU against
+    a nearby copy at 32 JVP probes: 0.998 ± 0.003 shared, ± 0.05 independent, as often above 1
+    as below).  JVP probes of kernels with P₁ ≠ P₂ are independent."""
     a = ops[0]
     assert isinstance(a, FactoredKernel)
     if _onesided_covers_exact(ops, ctx, side):
