@@ -27,3 +27,5 @@ if distributed.is_main_process():
     print(f"world size {world}")
     print(f"probe-parallel  effective rank = {e.value:.6f} ± {e.stderr:.4f}  ({e.vjp_passes} VJP passes in all, {e.info.get('rank_passes', {'vjp': e.vjp_passes})['vjp']} on rank 0)")
     print(f"data-parallel   trace = {t.value:.4f} ± {t.stderr:.3f}  ({job['vjp_passes']} VJP passes over the job)")
+
+distributed.shutdown()  # wait for every rank, then end the job (a rank exiting while a peer still sends makes gloo abort)

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -223,6 +224,23 @@ def test_the_budget_guard_counts_what_a_probe_really_costs() -> None:
         nk.frobenius_norm(K, method="xtrace", num_probes=30_000)
     with pytest.raises(ValueError, match=r"would cost 1.2e\+05 AD passes.*at most 50000 probes"):
         nk.trace(K, method="xtrace", num_probes=60_000)
+
+
+def test_a_kernel_against_itself_costs_one_kernel_and_keeps_max_passes() -> None:
+    """alignment(K, K) (e.g. a monitor comparing a kernel with its unchanged self): the one-sided
+    methods and Hutchinson multiply by K once per probe (they had computed it twice, spending 2× the
+    passes their budget counted), Hutch++ counts its two sketches, and max_passes holds for all."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+    K = nk.NTK(net, torch.randn(20, 5, dtype=torch.float64))
+    for method, passes in (("jvp", (10, 0)), ("vjp", (0, 10)), ("hutchinson", (10, 10))):
+        e = nk.alignment(K, K, method=method, num_probes=10, seed=0)
+        assert (e.jvp_passes, e.vjp_passes) == passes and e.value == pytest.approx(1.0, abs=1e-12), (method, e)
+    for method in ("jvp", "vjp", "hutchinson", "hutchpp", "xtrace", "auto"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", nk.ConvergenceWarning)  # the tolerance is out of reach on purpose
+            e = nk.alignment(K, K, method=method, max_passes=48, rtol=1e-9, seed=0)
+        assert e.passes <= 48, (method, e)
 
 
 # 7, 15 (chunk_size) ------------------------------------------------------------------------------

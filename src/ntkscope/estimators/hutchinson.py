@@ -31,7 +31,8 @@ def hutchinson_grams(ops: Sequence[KernelOperator], stream: ProbeStream, m: int,
 
     def fn(s: int, e: int) -> torch.Tensor:
         V = stream.columns(s, e)
-        return gram_rows([V, *(op.matmat(V) for op in ops)])
+        products: dict[int, torch.Tensor] = {}  # a kernel passed twice (K against itself) is multiplied once
+        return gram_rows([V, *(products[id(op)] if id(op) in products else products.setdefault(id(op), op.matmat(V)) for op in ops)])
 
     return map_probes(m, chunk_of(ops, chunk_size), fn)
 

@@ -336,7 +336,10 @@ def _sample_onesided(ops: Sequence[KernelOperator], names: tuple[str, ...], ctx:
         return [Part.means(est.onesided(a, side, stream.columns, ctx.m, keep=False, chunk_size=ctx.chunk))]
     A = _onesided_vectors(a, side, ctx)
     shared = len(ops) == 1 or est.probe_dim(a, side) == est.probe_dim(ops[1], side)  # type: ignore[arg-type]
-    B = _onesided_vectors(ops[1], side, ctx, Stream.MAIN if shared else Stream.SECOND) if len(ops) > 1 else A
+    if len(ops) == 1 or ops[1] is a:  # one kernel (or a kernel against itself): its products serve both
+        B = A
+    else:
+        B = _onesided_vectors(ops[1], side, ctx, Stream.MAIN if shared else Stream.SECOND)
     m = A.shape[0]
     grams = _GramRows(m)
     g1 = grams.of("AA", A, A)

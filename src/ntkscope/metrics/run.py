@@ -172,8 +172,11 @@ class _Run:
             )
 
     def probe_passes(self) -> int:
-        """AD passes one probe costs this run in all: per kernel for most methods; XTrace of
+        """AD passes one probe costs this run in all: per distinct kernel for most methods (per
+        kernel argument for Hutch++); XTrace of
         ``‖K‖²`` and ``⟨K₁, K₂⟩`` spends two products (4 passes) per probe on each part."""
+        if self.method is Method.HUTCHPP:  # one sketch per kernel argument, a kernel passed twice included
+            return _passes_per_probe(self.method) * len(self.ops)
         if self.method is not Method.XTRACE:
             return _passes_per_probe(self.method) * len(self.distinct)
         comps = self.quantity.components
