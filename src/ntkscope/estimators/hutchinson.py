@@ -32,7 +32,13 @@ def hutchinson_grams(ops: Sequence[KernelOperator], stream: ProbeStream, m: int,
     def fn(s: int, e: int) -> torch.Tensor:
         V = stream.columns(s, e)
         products: dict[int, torch.Tensor] = {}  # a kernel passed twice (K against itself) is multiplied once
-        return gram_rows([V, *(products[id(op)] if id(op) in products else products.setdefault(id(op), op.matmat(V)) for op in ops)])
+
+        def product(op: KernelOperator) -> torch.Tensor:
+            if id(op) not in products:
+                products[id(op)] = op.matmat(V)
+            return products[id(op)]
+
+        return gram_rows([V, *(product(op) for op in ops)])
 
     return map_probes(m, chunk_of(ops, chunk_size), fn)
 
