@@ -22,23 +22,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.func import functional_call, jvp, vjp, vmap
+from torch.func import jvp, vjp, vmap
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine import OUT, _split, models  # noqa: E402
+from engine import OUT, models, state_fn  # noqa: E402
 
 CHUNK = 120
 
 
 def _chunk_fn(model: torch.nn.Module, inputs: Any, side: str) -> tuple[Any, tuple[torch.Tensor, ...]]:
-    args, kwargs, output = _split(inputs)
-    names = [n for n, _ in model.named_parameters()]
-    params = tuple(p.detach() for p in model.parameters())
-
-    def f(*ps: torch.Tensor) -> torch.Tensor:
-        out = functional_call(model, dict(zip(names, ps)), args, kwargs)
-        return (getattr(out, output) if output else out).reshape(-1)
-
+    """One chunk of the bare loop as a function of its probes and the parameters (compilable)."""
+    f, params = state_fn(model, inputs)
     n = len(params)
     if side == "vjp":
         D = f(*params).numel()

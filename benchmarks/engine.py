@@ -105,18 +105,23 @@ def _split(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any], Any]:
     return (inputs,), {}, None
 
 
-def bare_trace(model: nn.Module, inputs: Any, side: str, m: int, chunk: int = 100, switch: Callable[[], Any] | None = None) -> float:
-    """The 20-line loop: Rademacher probes per chunk, vmap over jvp/vjp of functional_call."""
+def state_fn(model: nn.Module, inputs: Any) -> tuple[Callable[..., torch.Tensor], tuple[torch.Tensor, ...]]:
+    """``(f, params)``: the flattened state as a function of the parameters, as a user writes it."""
     args, kwargs, output = _split(inputs)
     names = [n for n, _ in model.named_parameters()]
-    params = tuple(p.detach() for p in model.parameters())
-    dev = params[0].device
 
     def f(*ps: torch.Tensor) -> torch.Tensor:
         out = functional_call(model, dict(zip(names, ps)), args, kwargs)
         out = getattr(out, output) if output else out
         return out.reshape(-1)
 
+    return f, tuple(p.detach() for p in model.parameters())
+
+
+def bare_trace(model: nn.Module, inputs: Any, side: str, m: int, chunk: int = 100, switch: Callable[[], Any] | None = None) -> float:
+    """The 20-line loop: Rademacher probes per chunk, vmap over jvp/vjp of functional_call."""
+    f, params = state_fn(model, inputs)
+    dev = params[0].device
     total = 0.0
     with switch() if switch else contextlib.nullcontext():
         if side == "vjp":

@@ -335,15 +335,13 @@ def _sample_onesided(ops: Sequence[KernelOperator], names: tuple[str, ...], ctx:
         stream = ctx.stream(est.probe_dim(a, side), a.dtype, a.device)
         return [Part.means(est.onesided(a, side, stream.columns, ctx.m, keep=False, chunk_size=ctx.chunk))]
     A = _onesided_vectors(a, side, ctx)
-    shared = len(ops) == 1 or est.probe_dim(a, side) == est.probe_dim(ops[1], side)  # type: ignore[arg-type]
-    if len(ops) == 1 or ops[1] is a:  # one kernel (or a kernel against itself): its products serve both
-        B = A
-    else:
-        B = _onesided_vectors(ops[1], side, ctx, Stream.MAIN if shared else Stream.SECOND)
+    same = len(ops) == 1 or ops[1] is a  # one kernel (or a kernel against itself): its products and Gram serve both
+    shared = same or est.probe_dim(a, side) == est.probe_dim(ops[1], side)  # type: ignore[arg-type]
+    B = A if same else _onesided_vectors(ops[1], side, ctx, Stream.MAIN if shared else Stream.SECOND)
     m = A.shape[0]
     grams = _GramRows(m)
     g1 = grams.of("AA", A, A)
-    g2 = grams.of("BB", B, B) if len(ops) > 1 else g1
+    g2 = g1 if same else grams.of("BB", B, B)
     pairs = partial(jk.pair_mean_loo_rows, m=m, block=grams.block)
     stat: dict[str, Callable[[], tuple[torch.Tensor, torch.Tensor]]] = {
         "tr": lambda: jk.mean_loo(A.square().sum(1).cpu()),
@@ -351,7 +349,7 @@ def _sample_onesided(ops: Sequence[KernelOperator], names: tuple[str, ...], ctx:
         "sq2": lambda: pairs(lambda s, e: g2(s, e) ** 2),
         "cross": (
             # E ((J₁u_i)·(J₂u_j))² = tr(K₁K₂) for independent u_i, u_j: pairs i ≠ j of shared probes, all of independent ones
-            (lambda: pairs(lambda s, e: grams.of("AB", A, B)(s, e) ** 2, independent_diag=not shared))
+            (lambda: pairs(lambda s, e: (g1 if same else grams.of("AB", A, B))(s, e) ** 2, independent_diag=not shared))
             if side == "jvp"
             else (lambda: pairs(lambda s, e: g1(s, e) * g2(s, e)))
         ),
