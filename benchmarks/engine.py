@@ -219,7 +219,7 @@ def run(quick: bool, probes: list[int], repeats: int, device: str = "cpu", dtype
                 floor_bare = product_floor(lambda: (bare_trace(model, inputs, side, m, switch=switch), _sync(dev)))
                 rows.append(
                     {
-                        "model": name, "side": side, "m": m, "D": K.dim, "P": K.num_params, "path": K.paths[side], "rules": K.rules,
+                        "model": name, "side": side, "m": m, "D": K.dim, "P": K.num_params, "path": K.paths.get("vjp-norms", K.paths[side]) if side == "vjp" else K.paths[side], "rules": K.rules,
                         "chunk": K.chunk_size, "ours_s": t_ours, "bare_s": t_bare, "ratio_bare": t_ours / t_bare,
                         "limit_s": limit, "ratio_limit": t_ours / limit if limit > 0 else None, "note": note, "peak_bytes": peak,
                         "products_s": floor, "bare_products_s": floor_bare,

@@ -100,3 +100,13 @@ def test_compiled_loop_benchmark_imports() -> None:
 
     r = subprocess.run([sys.executable, str(BENCH / "compiled_loop.py"), "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "torch.compile" in r.stdout, r.stderr[-2000:]
+
+
+def test_ghost_benchmark_smoke(tmp_path: Path) -> None:
+    """benchmarks/ghost.py (ghost norms against weight gradients) runs, and both ways agree."""
+    import subprocess
+
+    r = subprocess.run([sys.executable, str(BENCH / "ghost.py"), "--quick", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads((tmp_path / "ghost_quick.json").read_text())["rows"]
+    assert rows and all(row["agree"] and row["ghosted"] == 3 and row["width"] < row["P"] for row in rows)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -297,20 +298,22 @@ class _Counting:
             self.vjp += V.shape[1]
             return orig_v(V)
 
-        orig_sq = op.sqnorms
+        def counted(orig: Callable[[str, torch.Tensor], torch.Tensor]) -> Callable[[str, torch.Tensor], torch.Tensor]:
+            def call(side: str, X: torch.Tensor) -> torch.Tensor:  # a fast path may answer without _jvp/_vjp
+                before = (self.jvp, self.vjp)
+                out = orig(side, X)
+                if (self.jvp, self.vjp) == before:
+                    cols = X.shape[1] if X.dim() == 2 else 1
+                    if side == "vjp":
+                        self.vjp += cols
+                    else:
+                        self.jvp += cols
+                return out
 
-        def sq(side: str, X: torch.Tensor) -> torch.Tensor:  # a fast path may answer without _jvp/_vjp
-            before = (self.jvp, self.vjp)
-            out = orig_sq(side, X)
-            if (self.jvp, self.vjp) == before:
-                cols = X.shape[1] if X.dim() == 2 else 1
-                if side == "vjp":
-                    self.vjp += cols
-                else:
-                    self.jvp += cols
-            return out
+            return call
 
-        op._jvp, op._vjp, op.sqnorms = j, v, sq
+        op._jvp, op._vjp = j, v
+        op.sqnorms, op.gram_rows = counted(op.sqnorms), counted(op.gram_rows)
 
 
 @pytest.mark.parametrize("fast", [False, None])

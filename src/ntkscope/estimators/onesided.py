@@ -27,6 +27,7 @@ def onesided(
     keep: bool,
     chunk_size: int | None = None,
     project: torch.Tensor | None = None,
+    gram_only: bool = False,
 ) -> torch.Tensor:
     """One-sided passes: rows ``Jᵀw`` (side "vjp", probes in R^D) or ``Ju`` (side "jvp", R^P).
 
@@ -34,6 +35,8 @@ def onesided(
     ``(m, out_dim)`` vectors when ``keep`` (for Gram-based statistics), else the squared norms
     ``(m,)`` — unbiased samples of ``tr K`` (``E‖Jᵀw‖² = E‖Ju‖² = tr K``).  ``project``
     (orthonormal columns in probe space) deflates each probe first: ``(I − QQᵀ)w``.
+    ``gram_only``: the kept rows serve only inner products among themselves, so an operator may
+    return a shorter isometric image of them (:meth:`FactoredKernel.gram_rows`).
 
     Cost: one AD pass of a single mode per probe (Hazelden 2025).  Variance of one sample
     ``‖Jᵀw‖² = wᵀKw``: ``2(‖K‖_F² − Σᵢ Kᵢᵢ²)`` (Rademacher) or ``2‖K‖_F²`` (Gaussian); of
@@ -51,6 +54,8 @@ def onesided(
             X = (Xd - Qd @ (Qd.T @ Xd)).to(X.dtype)
         if not keep:  # only the squared norms: a fast path need not write the block (op.sqnorms)
             return op.sqnorms(side, X).cpu()
+        if gram_only:
+            return op.gram_rows(side, X).contiguous()
         return apply(X).T.contiguous()
 
     return map_probes(m, chunk_of([op], chunk_size), fn)

@@ -271,12 +271,14 @@ def _sample_xtrace(ops: Sequence[KernelOperator], names: tuple[str, ...], ctx: R
 
 
 def _onesided_vectors(op: KernelOperator, side: str, ctx: RunContext, stream_id: int = Stream.MAIN) -> torch.Tensor:
-    """The m one-sided products (``Jᵀw_i`` or ``Ju_i``) as rows, in float64."""
+    """The m one-sided products (``Jᵀw_i`` or ``Ju_i``) as rows, in float64 — or, on the VJP
+    side, rows with their inner products (every statistic below uses only their Grams and norms,
+    never a cross-kernel product of VJP rows)."""
     assert isinstance(op, FactoredKernel)
     if ctx.probes is Probe.ORTHOGONAL:
         raise ValueError("one-sided norms and ratios need independent probes; orthogonal probes are dependent")
     stream = ctx.stream(est.probe_dim(op, side), op.dtype, op.device, stream_id)
-    return est.onesided(op, side, stream.columns, ctx.m, keep=True, chunk_size=ctx.chunk).to(torch.float64)
+    return est.onesided(op, side, stream.columns, ctx.m, keep=True, chunk_size=ctx.chunk, gram_only=side == "vjp").to(torch.float64)
 
 
 #: The most entries of a probe Gram block held at once (32 MB in float64): beyond

@@ -80,12 +80,16 @@ def _check_budget(per_probe: int, m: int, exact_cost: int, quantity: str) -> Non
 
 
 def _stored_probe_limit(meth: Method, ops: Sequence[KernelOperator], quantity: Quantity) -> int | None:
-    """Most probes whose one-sided products (m × out) fit MAX_STORED_ENTRIES (the m × m probe
+    """Most probes whose one-sided products (m × out, or their shorter Gram rows: ghosted
+    layers, :meth:`FactoredKernel.gram_width`) fit MAX_STORED_ENTRIES (the m × m probe
     Gram is only ever held in row blocks, :data:`~ntkscope.metrics.components.GRAM_BLOCK_ENTRIES`)."""
     if quantity.trace_only or meth not in (Method.VJP, Method.JVP):
         return None
-    out = max(o.num_params if meth is Method.VJP else o.dim for o in ops if isinstance(o, FactoredKernel))
-    return max(2, MAX_STORED_ENTRIES // max(out, 1))
+    return max(2, MAX_STORED_ENTRIES // max(_stored_width(meth, ops), 1))
+
+
+def _stored_width(meth: Method, ops: Sequence[KernelOperator]) -> int:
+    return max(o.gram_width("vjp" if meth is Method.VJP else "jvp") for o in ops if isinstance(o, FactoredKernel))
 
 
 def _max_probes(meth: Method, ops: Sequence[KernelOperator], quantity: Quantity) -> int | None:
@@ -165,8 +169,12 @@ class _Run:
         _check_budget(self.probe_passes(), self.m, self.exact_cost, name)
         limit = _stored_probe_limit(self.method, self.ops, self.quantity)
         if not self.opts.adaptive and limit is not None and self.m > limit:
+            what, full = ("P", "num_params") if self.method is Method.VJP else ("D", "dim")
+            width = _stored_width(self.method, self.ops)
+            plain = width == max(getattr(o, full) for o in self.ops if isinstance(o, FactoredKernel))
+            stored = f"m × {what} numbers" if plain else f"m × {width:,} numbers, after ghost norms"
             raise ValueError(
-                f"{name} with method={self.method.value!r} keeps every probe's product (m × {'P' if self.method is Method.VJP else 'D'} numbers): "
+                f"{name} with method={self.method.value!r} keeps every probe's product ({stored}): "
                 f"num_probes={self.m} exceeds the memory limit of {limit} probes; the exact value costs "
                 f"{self.exact_cost} passes (method='exact')"
             )

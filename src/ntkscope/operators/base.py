@@ -106,6 +106,17 @@ class FactoredKernel(KernelOperator):
         A = self.vjp(X) if side == "vjp" else self.jvp(X)
         return A.to(torch.float64).square().sum(0)
 
+    def gram_rows(self, side: str, X: torch.Tensor) -> torch.Tensor:
+        """Rows ``e_i`` whose inner products are those of the one-sided products:
+        ``e_i · e_j = (Jᵀx_i)·(Jᵀx_j)`` (or ``(Jx_i)·(Jx_j)``), for Gram-based statistics only.
+        Here the products themselves, ``(m, P or D)``; subclasses may return a shorter isometric
+        image (:mod:`ntkscope.operators.ghost`).  Counted as passes like :meth:`vjp`/:meth:`jvp`."""
+        return (self.vjp(X) if side == "vjp" else self.jvp(X)).T
+
+    def gram_width(self, side: str) -> int:
+        """Numbers per row of :meth:`gram_rows` (what a stored probe costs)."""
+        return self.num_params if side == "vjp" else self.dim
+
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         return self.jvp(self.vjp(V))
 

@@ -22,13 +22,17 @@ import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.func import jvp, vjp, vmap
 
+from ..core.linalg import sqnorms
 from ..core.memory import scope_cache
 from .rules import math_attention
+
+if TYPE_CHECKING:
+    from .ghost import GhostNorms
 
 __all__ = ["Evaluator", "Path", "JVP_PATHS", "VJP_PATHS", "quiet", "unflatten_rows", "over_probes", "jvp_rows", "pullback_rows"]
 
@@ -111,6 +115,7 @@ class Evaluator:
         jvp_path: str | None = None,
         vjp_path: str | None = None,
         ruled_chunk_size: int | None = None,
+        ghost: Callable[[Sequence[torch.Tensor]], GhostNorms | None] | None = None,
     ) -> None:
         self.f = f
         self.dim = dim  # D, the size of the flattened state
@@ -126,6 +131,12 @@ class Evaluator:
         self.forced = {"jvp": jvp_path is not None, "vjp": vjp_path is not None}
         self.broken: dict[str, Exception] = {}
         self.rules_ok: dict[str, bool] = {}  # per mode: checked against a generic path
+        self._ghost_factory = ghost  # built on first use (one recording forward)
+        self.ghost: GhostNorms | None = None
+        self.ghost_ok: bool | None = None  # None: not tried; True once a ghost result was used
+        self.ghost_checked: dict[str, bool] = {}  # per result kind: agreed with a generic path
+        self.ghost_chunk_size: int | None = None  # set: the user's chunk size; else the ghost's own
+        self.ghost_path = "vmap-reverse+rules+ghost" if ruled_f is not None else "vmap-reverse+ghost"
 
     # -- paths ---------------------------------------------------------------------------------
 
@@ -222,6 +233,78 @@ class Evaluator:
         return torch.cat(outs, 0) if len(outs) > 1 else outs[0]
 
 
+    def sqnorms(self, mode: str, rows: torch.Tensor) -> torch.Tensor:
+        """``‖Jᵀv‖²`` / ``‖Ju‖²`` of each row (float64), reduced chunk by chunk.  On the VJP side,
+        linear layers whose weight gradients are larger than their inputs' Gram contribute
+        ghost norms (:mod:`ntkscope.operators.ghost`), checked once against a generic path."""
+        out = self._ghost("sqnorms", rows) if mode == "vjp" else None
+        return self.run(mode, rows, reduce=sqnorms) if out is None else out
+
+    def gram_rows(self, mode: str, rows: torch.Tensor) -> torch.Tensor:
+        """Rows with the inner products of the one-sided products (``(m, ·)``): on the VJP side
+        with ghosted layers, their shorter isometric image (:meth:`GhostNorms.gram_rows`)."""
+        out = self._ghost("gram_rows", rows) if mode == "vjp" else None
+        return self.run(mode, rows) if out is None else out
+
+    def ghost_norms(self) -> GhostNorms | None:
+        """The ghost-norm evaluator (built on first use: one forward without gradients), or None
+        where no layer is ghosted, a VJP path is forced or the ghost failed."""
+        if self._ghost_factory is None or self.forced["vjp"] or "vjp" in self.broken or self.ghost_ok is False:
+            return None
+        if self.ghost is None:
+            try:
+                with quiet(), math_attention():
+                    self.ghost = self._ghost_factory(self.primals)
+            except Exception:  # noqa: BLE001 — the generic path does without
+                self.ghost = None
+            if self.ghost is None:
+                self.ghost_ok = False
+        return self.ghost
+
+    def _ghost(self, what: str, rows: torch.Tensor) -> torch.Tensor | None:
+        """``what`` ("sqnorms" or "gram_rows") of ``rows`` with ghost norms, or None where they
+        do not apply (no ghosted layer, a forced path, or a failed check: the caller's generic
+        path then runs)."""
+        if self.ghost_checked.get(what) is False or self.ghost_norms() is None:
+            return None
+        assert self.ghost is not None
+        shared = scope_cache()
+        cache: dict[Any, Any] = {} if shared is None else shared.setdefault(("evaluator", self), {})  # type: ignore[assignment]
+        size = self.ghost_chunk_size or self.ghost.chunk_size or (self.ruled_chunk_size if self.ruled_f is not None else self.chunk_size)
+        outs = []
+        try:
+            with quiet(), math_attention():
+                if "ghost" not in cache:
+                    cache["ghost"] = self.ghost.pullback()
+                for start in range(0, rows.shape[0], size):
+                    outs.append(getattr(self.ghost, what)(cache["ghost"], rows[start : start + size]))
+                    if what not in self.ghost_checked:
+                        self.ghost_checked[what] = self._check_ghost(what, rows[start : start + 2], outs[0][:2])
+                        if not self.ghost_checked[what]:
+                            return None
+        except Exception as e:
+            if is_randomness_error(e):
+                raise ValueError(
+                    "the model draws random numbers (e.g. Dropout in training mode), so its NTK is not defined: call model.eval() first"
+                ) from e
+            self.ghost_checked[what] = False
+            return None
+        self.ghost_ok = True
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def _check_ghost(self, what: str, rows: torch.Tensor, got: torch.Tensor) -> bool:
+        """The ghost result of (up to) two probes against the generic path's: squared norms, or
+        the probe Gram of the isometric rows."""
+        if what == "sqnorms":
+            ref = self.run("vjp", rows, reduce=sqnorms)
+        else:
+            V = self.run("vjp", rows).to(torch.float64)
+            ref, got = V @ V.T, got.to(torch.float64) @ got.to(torch.float64).T
+        tol = 1e-10 if rows.dtype == torch.float64 else 1e-4
+        scale = torch.linalg.vector_norm(ref)
+        return bool(torch.linalg.vector_norm(got - ref) <= tol * scale) if scale > 0 else bool((got == 0).all())
+
+
 def no_path_message(mode: str, errors: list[str]) -> str:
     """One line saying what failed (and, for the JVP, what to use instead), then each path's
     error once: the paths mostly fail on the same missing rule."""
@@ -273,14 +356,3 @@ def pullback_rows(pullback: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], 
 
 def _cat(blocks: list[torch.Tensor]) -> torch.Tensor:
     return blocks[0] if len(blocks) == 1 else torch.cat(blocks, 1)
-
-
-def sqnorms(blocks: list[torch.Tensor]) -> torch.Tensor:
-    """Per-row squared norms of column blocks, in float64 (each block reduced in its own dtype, or
-    float32 for half precisions: no float64 copy of the block is made).  ``vector_norm`` is one
-    reduction kernel; ``vecdot`` multiplied into a temporary block first and ran 5× slower."""
-    total = torch.zeros(blocks[0].shape[0], dtype=torch.float64, device=blocks[0].device)
-    for b in blocks:
-        acc = None if b.dtype in (torch.float32, torch.float64) else torch.float32
-        total += torch.linalg.vector_norm(b.reshape(b.shape[0], -1), dim=1, dtype=acc).to(torch.float64).square()
-    return total

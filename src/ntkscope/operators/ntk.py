@@ -16,7 +16,8 @@ from torch.func import functional_call
 from ..core.memory import _MAX_AUTO_CHUNK, chunk_budget_bytes, reusable_block_bytes
 from . import rules as _rules
 from .base import FactoredKernel, _as_block, _DenseFactor
-from .evaluators import Evaluator, quiet, sqnorms
+from .evaluators import Evaluator, quiet
+from .ghost import GhostNorms, build_ghost
 from .modules import (
     OutputError,
     ParameterWrite,
@@ -66,6 +67,10 @@ class NTK(FactoredKernel):
             wherever they sit in the model, after checking each mode once against the generic
             path; ``False`` never does; ``True`` requires some rule to apply.  ``fast`` is the
             same switch under its former name.
+        ghost: on the VJP side, squared norms and Gram rows of linear layers that see fewer rows
+            than they have inputs are computed without their weight gradients
+            (:mod:`ntkscope.operators.ghost`, checked once against the generic path); ``False``
+            never does (nor does ``rules=False``).
 
     The parameters are read live: training the model in place changes this operator.  Pass
     ``params={n: p.detach().clone() ...}`` to pin a point.
@@ -87,6 +92,7 @@ class NTK(FactoredKernel):
         vjp_path: str | None = None,
         rules: bool | None = None,
         fast: bool | None = None,
+        ghost: bool = True,
     ) -> None:
         if rules is None:
             rules = fast
@@ -114,12 +120,12 @@ class NTK(FactoredKernel):
         args, kwargs = split_inputs(inputs)
         self.param_names = names
 
+        def call(net: nn.Module, values: dict[str, torch.Tensor]) -> torch.Tensor:
+            return select_output(functional_call(net, values, args, kwargs, strict=False), output)
+
         def state_fn(net: nn.Module) -> Callable[..., torch.Tensor]:
             def fn(*tensors: torch.Tensor) -> torch.Tensor:
-                values = dict(fixed)
-                values.update(zip(names, tensors))
-                values.update(buffers)
-                return select_output(functional_call(net, values, args, kwargs, strict=False), output)
+                return call(net, {**fixed, **buffers, **dict(zip(names, tensors))})
 
             return fn
 
@@ -127,8 +133,17 @@ class NTK(FactoredKernel):
         ruled_fn = None if ruled is None else state_fn(ruled)
         if rules is True and ruled_fn is None:
             raise ValueError(f"rules=True: no submodule of this {type(model).__name__} has a rule (see ntkscope.operators.rules for the supported modules)")
+        ghost_net = module if ruled is None else ruled
+
+        def ghost_norms(primals: Sequence[torch.Tensor]) -> GhostNorms | None:
+            g = build_ghost(ghost_net, call, names, primals, {**fixed, **buffers})  # fixed as _first_forward left it
+            if g is not None and chunk_size is None:  # a probe keeps Δ, not the ghosted layers' gradients
+                g.chunk_size = self._default_chunk(ruled_fn or self._fn_raw, rules=ruled_fn is not None, width=g.probe_numel)
+            return g
+
         self._init_function(
-            state_fn(module), primals, chunk_size, jvp_path, vjp_path, what=type(model).__name__, ruled_fn=ruled_fn, fixed=fixed
+            state_fn(module), primals, chunk_size, jvp_path, vjp_path, what=type(model).__name__, ruled_fn=ruled_fn, fixed=fixed,
+            ghost=ghost_norms if rules is not False and ghost else None,
         )
 
     @classmethod
@@ -196,6 +211,7 @@ class NTK(FactoredKernel):
         what: str,
         ruled_fn: Callable[..., torch.Tensor] | None = None,
         fixed: dict[str, torch.Tensor] | None = None,
+        ghost: Callable[[Sequence[torch.Tensor]], GhostNorms | None] | None = None,
     ) -> None:
         self._fn_raw = fn
         self.primals = tuple(primals)
@@ -243,7 +259,9 @@ class NTK(FactoredKernel):
         ruled_chunk = None if ruled_fn is None else chunk_size or self._default_chunk(ruled_fn, rules=True)
         self._chunk_size = ruled_chunk or generic_chunk
         flat_ruled = None if ruled_fn is None else (lambda *t: ruled_fn(*t).reshape(-1))
-        self._evaluator = Evaluator(self._f, self.primals, flat_ruled, self.dim, generic_chunk, jvp_path, vjp_path, ruled_chunk_size=ruled_chunk)
+        self._evaluator = Evaluator(
+            self._f, self.primals, flat_ruled, self.dim, generic_chunk, jvp_path, vjp_path, ruled_chunk_size=ruled_chunk, ghost=ghost
+        )
         self._pass_seconds: dict[str, float] = {}
 
     def _first_forward(self, fn: Callable[..., torch.Tensor], what: str, fixed: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -280,8 +298,9 @@ class NTK(FactoredKernel):
             raise ValueError(f"chunk_size must be an int >= 1, got {value!r}")
         self._chunk_size = value
         self._evaluator.chunk_size = self._evaluator.ruled_chunk_size = value
+        self._evaluator.ghost_chunk_size = value
 
-    def _default_chunk(self, fn: Callable[..., torch.Tensor], rules: bool = False) -> int:
+    def _default_chunk(self, fn: Callable[..., torch.Tensor], rules: bool = False, width: int | None = None) -> int:
         """Probes per vmap batch so that their working set fits the memory budget.
 
         A vmapped pass keeps, per probe, its input and output vectors (D + P numbers) and a
@@ -297,10 +316,11 @@ class NTK(FactoredKernel):
         unfolded input made 150 MB blocks at 256 probes, ran 1.3–1.6× slower than at 64).
         """
         saved, cap, unfold = _saved_probe_numel(fn, self.primals, rules)
-        per_probe = self.dtype.itemsize * (self.dim + self.num_params + saved) * 2
+        width = self.num_params if width is None else width  # numbers of one probe's result
+        per_probe = self.dtype.itemsize * (self.dim + width + saved) * 2
         chunk = min(_MAX_AUTO_CHUNK, cap, chunk_budget_bytes(self.device) // per_probe)
         if self.device.type == "cpu":
-            reuse = reusable_block_bytes() // (self.dtype.itemsize * max(self.dim, self.num_params, unfold))
+            reuse = reusable_block_bytes() // (self.dtype.itemsize * max(self.dim, width, unfold))
             chunk = min(chunk, max(8, 1 << max(0, reuse.bit_length() - 1)) if reuse < chunk else chunk)
         return max(1, chunk)
 
@@ -313,7 +333,17 @@ class NTK(FactoredKernel):
     def paths(self) -> dict[str, str | None]:
         """The evaluation path each AD mode took (None: not used yet); ``+rules`` marks the
         per-module rules (:attr:`rules` lists the submodules they cover)."""
-        return {k: p.name if p else None for k, p in self._evaluator.paths.items()}
+        out = {k: p.name if p else None for k, p in self._evaluator.paths.items()}
+        if self._evaluator.ghost_ok:
+            out["vjp-norms"] = self._evaluator.ghost_path
+        return out
+
+    @property
+    def ghosted(self) -> list[str]:
+        """The linear layers whose share of ``‖Jᵀv‖²`` is computed as a ghost norm
+        (:mod:`ntkscope.operators.ghost`), once the VJP side's squared norms have run."""
+        g = self._evaluator.ghost
+        return list(g.names_ghosted) if g is not None and self._evaluator.ghost_ok else []
 
     @property
     def _broken(self) -> dict[str, Exception]:
@@ -327,12 +357,28 @@ class NTK(FactoredKernel):
         n = self.num_params if side == "jvp" else self.dim
         X, _ = _as_block(X, n, "‖J·U‖²" if side == "jvp" else "‖Jᵀ·V‖²")
         rows = X.to(device=self.device, dtype=self.dtype).T.contiguous()
-        out = self._evaluator.run(side, rows, reduce=sqnorms)
+        out = self._evaluator.sqnorms(side, rows)
         if side == "jvp":
             self.jvp_count += X.shape[1]
         else:
             self.vjp_count += X.shape[1]
         return out
+
+    def gram_rows(self, side: str, X: torch.Tensor) -> torch.Tensor:
+        """Rows with the inner products of ``JᵀX``'s columns (or ``JX``'s): on the VJP side,
+        ghosted linear layers contribute ``A^½Δ`` (``N · out`` numbers) instead of their
+        gradients (``(in + 1) · out``; :mod:`ntkscope.operators.ghost`).  For Gram-based
+        statistics only: the rows are not ``Jᵀx`` where a layer is ghosted."""
+        if side != "vjp" or self._evaluator.ghost_norms() is None:
+            return super().gram_rows(side, X)
+        X, _ = _as_block(X, self.dim, "Jᵀ·V")
+        out = self._evaluator.gram_rows("vjp", X.to(device=self.device, dtype=self.dtype).T.contiguous())
+        self.vjp_count += X.shape[1]
+        return out
+
+    def gram_width(self, side: str) -> int:
+        g = self._evaluator.ghost_norms() if side == "vjp" else None
+        return super().gram_width(side) if g is None else g.probe_numel
 
     def _vjp(self, V: torch.Tensor) -> torch.Tensor:
         return self._evaluator.run("vjp", V.T.contiguous()).T
