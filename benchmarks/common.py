@@ -12,10 +12,13 @@ Settings follow ``shared/paper.md`` (reference code meeree/kpflow, ``examples/tr
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -210,3 +213,20 @@ def product_floor(fn: Callable[[], Any], repeats: int = 3) -> float:
         built = build(args)
         total += n * median_time(lambda: func(*built, **dict(kwargs)), repeats, warmup=1)
     return total
+
+
+def table_args(doc: str | None, out: Path) -> argparse.ArgumentParser:
+    """The arguments every table benchmark takes: ``--quick``, ``--repeats``, ``--out``."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--out", type=Path, default=out)
+    return ap
+
+
+def save_table(out: Path, stem: str, res: dict[str, Any], md: str) -> None:
+    """``out/stem.json`` and ``out/stem.md``, and the table printed."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=1))
+    (out / f"{stem}.md").write_text(md)
+    print(md)

@@ -25,9 +25,7 @@ Writes ``benchmarks/results/engine[_quick].{json,md}``.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import platform
 import statistics
 import sys
@@ -42,7 +40,7 @@ from torch.func import functional_call, jvp, vjp, vmap
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ntkscope as nk  # noqa: E402
-from common import count_flops, gemm_gflops, product_floor  # noqa: E402
+from common import count_flops, gemm_gflops, product_floor, save_table, table_args  # noqa: E402
 from ntkscope.operators.rules import math_attention  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results"
@@ -260,10 +258,7 @@ def markdown(res: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--out", type=Path, default=OUT)
+    ap = table_args(__doc__, OUT)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
     ap.add_argument("--only", default=None, help="comma-separated substrings of model names")
@@ -272,10 +267,7 @@ def main() -> None:
     dtype = getattr(torch, a.dtype)
     res = run(a.quick, probes, a.repeats or (1 if a.quick else 3), a.device, dtype, a.only.split(",") if a.only else None)
     stem = ("engine_quick" if a.quick else "engine") + ("" if a.device == "cpu" and a.dtype == "float32" else f"_{a.device}_{a.dtype}")
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / f"{stem}.json").write_text(json.dumps(res, indent=1))
-    (a.out / f"{stem}.md").write_text(markdown(res))
-    print(markdown(res))
+    save_table(a.out, stem, res, markdown(res))
 
 
 if __name__ == "__main__":

@@ -13,8 +13,6 @@ both estimates agree.  Writes ``benchmarks/results/ghost[_quick].{json,md}``.
 
 from __future__ import annotations
 
-import argparse
-import json
 import platform
 import sys
 from pathlib import Path
@@ -25,6 +23,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ntkscope as nk  # noqa: E402
+from common import save_table, table_args  # noqa: E402
 from engine import _split, time_pair  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results"
@@ -102,17 +101,9 @@ def markdown(res: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--out", type=Path, default=OUT)
-    a = ap.parse_args()
+    a = table_args(__doc__, OUT).parse_args()
     res = run(a.quick, a.repeats or (1 if a.quick else 5))
-    stem = "ghost_quick" if a.quick else "ghost"
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / f"{stem}.json").write_text(json.dumps(res, indent=1))
-    (a.out / f"{stem}.md").write_text(markdown(res))
-    print(markdown(res))
+    save_table(a.out, "ghost_quick" if a.quick else "ghost", res, markdown(res))
 
 
 if __name__ == "__main__":
