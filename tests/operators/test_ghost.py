@@ -184,3 +184,23 @@ def test_ghost_rows_raise_the_stored_probe_limit() -> None:
     K = nk.NTK(net, x)
     assert K.gram_width("vjp") == 32 * (4 * 512 + 10) and K.gram_width("vjp") < K.num_params // 12
     assert nk.frobenius_norm(K, method="vjp", num_probes=60, seed=0).value > 0
+
+
+def test_exact_values_from_ghost_rows() -> None:
+    """method="exact" forms K = E Eᵀ from the D basis vectors' Gram rows where layers are
+    ghosted: the same values as the Jacobian's, for D VJPs."""
+    torch.manual_seed(9)
+    net = nn.Sequential(nn.Linear(30, 40), nn.Tanh(), nn.Linear(40, 4)).double()
+    net2 = nn.Sequential(nn.Linear(30, 40), nn.Tanh(), nn.Linear(40, 4)).double()
+    x = torch.randn(5, 30, dtype=DT)
+    y = torch.randn(20, dtype=DT)
+    K, Kg, K2, K2g = nk.NTK(net, x), nk.NTK(net, x, ghost=False), nk.NTK(net2, x), nk.NTK(net2, x, ghost=False)
+    assert K.gram_width("vjp") == 5 * (40 + 4) < K.num_params
+    for f in (nk.trace, nk.frobenius_norm, nk.effective_rank):
+        a, b = f(K, method="exact"), f(Kg, method="exact")
+        assert abs(a.value - b.value) < 1e-12 * abs(b.value) and a.vjp_passes == b.vjp_passes == K.dim
+    a, b = nk.alignment(K, K2, method="exact"), nk.alignment(Kg, K2g, method="exact")
+    assert abs(a.value - b.value) < 1e-12
+    a, b = nk.target_alignment(K, y, method="exact"), nk.target_alignment(Kg, y, method="exact")
+    assert abs(a.value - b.value) < 1e-12 * abs(b.value)
+    assert K.ghosted == ["0", "2"]

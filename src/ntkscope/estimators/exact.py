@@ -17,7 +17,7 @@ from ..operators.base import FactoredKernel, KernelOperator
 
 _T = TypeVar("_T")
 
-__all__ = ["jacobian", "kernel", "smaller_kernel", "exact_trace", "exact_frobenius_sq", "exact_inner", "exact_quadratic"]
+__all__ = ["jacobian", "kernel", "gram_kernel", "smaller_kernel", "exact_trace", "exact_frobenius_sq", "exact_inner", "exact_quadratic"]
 
 
 def _basis(n: int, start: int, stop: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -33,13 +33,23 @@ def _basis_chunks(n: int, chunk: int, dtype: torch.dtype, device: torch.device):
         yield start, stop, _basis(n, start, stop, dtype, device)
 
 
-def _basis_rows(op: FactoredKernel, side: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def _basis_rows(
+    op: FactoredKernel, side: str, fn: Callable[[torch.Tensor], torch.Tensor], apply: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> torch.Tensor:
     """``fn(apply(E))`` over the basis of one side (``apply`` = VJP over R^D or JVP over R^P), as
     probe blocks: under probe-parallel execution the ranks split the basis, so an exact value
     costs ``min(D, P)`` passes in all, not on every rank."""
     n = op.dim if side == "vjp" else op.num_params
-    apply = op.vjp if side == "vjp" else op.jvp
+    apply = apply or (op.vjp if side == "vjp" else op.jvp)
     return map_probes(n, _chunk(op), lambda s, e: fn(apply(_basis(n, s, e, op.dtype, op.device))))
+
+
+def gram_kernel(op: FactoredKernel) -> torch.Tensor:
+    """The dense ``D × D`` kernel (float64) from the Gram rows of the D state basis vectors
+    (:meth:`FactoredKernel.gram_rows`): ``K = E Eᵀ``, with the ghosted layers' rows ``A^½Δ``
+    shorter than their gradients (:mod:`ntkscope.operators.ghost`).  D VJPs."""
+    E = _basis_rows(op, "vjp", lambda rows: rows, apply=lambda X: op.gram_rows("vjp", X)).double()
+    return E @ E.T
 
 
 def basis_chunks(op: KernelOperator, chunk: int):  # type: ignore[no-untyped-def]
@@ -97,8 +107,8 @@ def exact_trace(op: KernelOperator, side: str | None = None) -> float:
     """``tr K`` without storing J or K (for an NTK from the basis of ``side``, default the smaller)."""
     if isinstance(op, FactoredKernel):
 
-        def side_trace(side: str) -> float:
-            norms = _basis_rows(op, side, lambda X: X.double().square().sum(0).cpu()[:, None])
+        def side_trace(side: str) -> float:  # squared norms only: a fast path need not write the block
+            norms = _basis_rows(op, side, lambda sq: sq.cpu()[:, None], apply=lambda X: op.sqnorms(side, X))
             return float(norms.sum())
 
         return _try_sides(op, side, side_trace)

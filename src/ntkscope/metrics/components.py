@@ -126,6 +126,17 @@ def _exact_values(ops: Sequence[KernelOperator], names: Sequence[str], y: torch.
     side) when more than the trace is wanted, so ``tr`` and ``sq`` together cost ``min(D, P)``."""
     a, b = ops[0], ops[-1]
     if any(n not in ("tr", "quad") for n in names) and isinstance(a, FactoredKernel) and isinstance(b, FactoredKernel):
+        grams = _exact_from_gram_rows(a, b, side)
+        if grams is not None:  # the D × D kernels from shorter rows than J's (ghost norms)
+            Ka, Kb = grams
+            by_kernel: dict[str, Callable[[], float]] = {
+                "tr": lambda: float(Ka.diagonal().sum()),
+                "sq": lambda: float(Ka.square().sum()),
+                "cross": lambda: float((Ka * Kb).sum()),
+                "sq2": lambda: float(Kb.square().sum()),
+                "quad": lambda: float(y.to(Ka).reshape(-1) @ Ka @ y.to(Ka).reshape(-1)),  # type: ignore[union-attr]
+            }
+            return [by_kernel[n]() for n in names]
         Ja = ex.jacobian(a, side).double()
         Jb = Ja if b is a else ex.jacobian(b, side).double()
         dense: dict[str, Callable[[], float]] = {
@@ -144,6 +155,19 @@ def _exact_values(ops: Sequence[KernelOperator], names: Sequence[str], y: torch.
         "quad": lambda: ex.exact_quadratic(a, y),  # type: ignore[arg-type]
     }
     return [value[n]() for n in names]
+
+
+def _exact_from_gram_rows(a: FactoredKernel, b: FactoredKernel, side: str | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(K_a, K_b)`` from Gram rows where the VJP side is the one to use and some layer of each
+    kernel is ghosted (rows shorter than P); None otherwise, or where the VJP is unavailable."""
+    ops = [a] if b is a else [a, b]
+    if (side or ("vjp" if a.dim <= a.num_params else "jvp")) != "vjp" or any(o.gram_width("vjp") >= o.num_params for o in ops):
+        return None
+    try:
+        Ks = [ex.gram_kernel(o) for o in ops]
+    except RuntimeError:  # no reverse mode for this model: the Jacobian by the other side
+        return None
+    return Ks[0], Ks[-1]
 
 
 def _sample_exact(ops: Sequence[KernelOperator], names: tuple[str, ...], ctx: RunContext) -> list[Part]:
