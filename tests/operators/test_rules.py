@@ -391,3 +391,21 @@ def test_multihead_attention_leaves_functional_as_it_was() -> None:
     K = nk.NTK(model, (torch.randn(2, 4, 8, dtype=DT), torch.randn(2, 3, 8, dtype=DT)), rules=True)
     K.jvp(torch.randn(K.num_params, 2, dtype=DT))
     assert torch.nn.functional.multi_head_attention_forward is before
+
+
+def test_hf_gelu_new_rule_matches_the_generic_path() -> None:
+    """Hugging Face's NewGELUActivation (GPT-2's element-wise tanh GELU) runs as F.gelu(tanh):
+    the same function, J·U and Jᵀ·V equal to 1e-10 in float64; the user's module is untouched."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.activations import NewGELUActivation
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=16, vocab_size=50, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = transformers.GPT2Model(cfg).double().eval()
+    ids = {"input_ids": torch.randint(0, 50, (1, 8))}
+    Kr, Kg = _pair(model, ids, output="last_hidden_state")
+    assert Kr.rules == ["h.0.mlp.act: NewGELUActivation"]
+    _check(Kr, Kg)
+    assert type(model.h[0].mlp.act) is NewGELUActivation
+    x = torch.randn(5, 7, dtype=DT)
+    assert torch.allclose(rules.gelu_tanh_forward(NewGELUActivation(), None, x), NewGELUActivation()(x), rtol=1e-14, atol=1e-15)

@@ -20,6 +20,9 @@ module                                    rule
                                           2-D products (:mod:`~ntkscope.operators.rules.attention`:
                                           a 3-D projection with batched weight tangents is
                                           evaluated by copying the weight L times)
+Hugging Face ``NewGELUActivation``        ``F.gelu(approximate="tanh")``: the same function (GPT-2's
+(``gelu_new``)                            ``gelu_new``) as one kernel instead of seven element-wise
+                                          ones (registered once ``transformers`` is imported)
 ``nn.MultiheadAttention``, Transformer    math attention (:func:`math_attention`, every path): the
 layers, ``scaled_dot_product_attention``  fused kernels, which have no forward-mode rule, are
                                           replaced by plain matrix products during analysis
@@ -44,10 +47,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -66,6 +71,7 @@ __all__ = [
     "rule_names",
     "measure_probe_numel",
     "linear_forward",
+    "gelu_tanh_forward",
     "analysis_copy",
     "shared_copy",
 ]
@@ -96,6 +102,30 @@ for _cell in (nn.RNNCell, nn.GRUCell, nn.LSTMCell):
 register_rule(nn.MultiheadAttention, mha_forward)
 
 
+def gelu_tanh_forward(module: nn.Module, original: Forward, input: Any) -> Any:
+    """Hugging Face's ``NewGELUActivation`` (``gelu_new``: GPT-2, GPT-J, …) writes
+    ``0.5x(1 + tanh(√(2/π)(x + 0.044715x³)))`` as seven element-wise ops, each its own kernel over
+    the probe block in both AD modes; ``F.gelu(approximate="tanh")`` is the same function in one
+    kernel, with fused derivatives."""
+    if not isinstance(input, torch.Tensor):
+        return original(input)
+    return F.gelu(input, approximate="tanh")
+
+
+#: rules for classes of optional libraries: (module name, class name, forward), registered the
+#: first time a model is analysed after that library was imported (importing it costs seconds)
+_OPTIONAL: list[tuple[str, str, Forward]] = [("transformers.activations", "NewGELUActivation", gelu_tanh_forward)]
+_OPTIONAL_SEEN: set[tuple[str, str]] = set()
+
+
+def _register_optional() -> None:
+    for mod, name, forward in _OPTIONAL:
+        cls = getattr(sys.modules.get(mod), name, None)
+        if isinstance(cls, type) and (mod, name) not in _OPTIONAL_SEEN:
+            _OPTIONAL_SEEN.add((mod, name))  # once: unregister_rule stays in force
+            register_rule(cls, forward)
+
+
 def unregister_rule(cls: type) -> None:
     """Stop evaluating ``cls`` with a rule (its modules run as written)."""
     _RULES.pop(cls, None)
@@ -105,6 +135,7 @@ def unregister_rule(cls: type) -> None:
 
 def _rule_for(module: nn.Module) -> tuple[type, Forward] | None:
     # a subclass with its own forward computes something else: it is left alone
+    _register_optional()
     return _find(_RULES, module)
 
 
