@@ -232,7 +232,6 @@ class Evaluator:
             order = [p]
         return torch.cat(outs, 0) if len(outs) > 1 else outs[0]
 
-
     def sqnorms(self, mode: str, rows: torch.Tensor) -> torch.Tensor:
         """``‖Jᵀv‖²`` / ``‖Ju‖²`` of each row (float64), reduced chunk by chunk.  On the VJP side,
         linear layers whose weight gradients are larger than their inputs' Gram contribute
