@@ -422,7 +422,7 @@ class NTK(FactoredKernel):
     def describe(self) -> str:
         return (
             f"NTK(D={self.dim} state {self.state_shape}, P={self.num_params}, dtype={self.dtype}, "
-            f"chunk_size={self.chunk_size}, paths={self.paths})"
+            f"chunk_size={self.chunk_size}, paths={self.paths}" + (f", ghosted={self.ghosted}" if self.ghosted else "") + ")"
         )
 
 
