@@ -204,3 +204,17 @@ def test_exact_values_from_ghost_rows() -> None:
     a, b = nk.target_alignment(K, y, method="exact"), nk.target_alignment(Kg, y, method="exact")
     assert abs(a.value - b.value) < 1e-12 * abs(b.value)
     assert K.ghosted == ["0", "2"]
+
+
+def test_failed_gram_rows_check_stores_full_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gram rows that fail their check fall back to the products, and the stored-probe width
+    (the memory limit) says so: P numbers again, not the ghost rows' width."""
+    from ntkscope.operators import ghost
+
+    monkeypatch.setattr(ghost.GhostNorms, "gram_rows", lambda self, p, rows: torch.ones(rows.shape[0], 3, dtype=DT))
+    torch.manual_seed(10)
+    net, x = _mlp().double(), torch.randn(8, 20, dtype=DT)
+    K, Kg = nk.NTK(net, x), nk.NTK(net, x, ghost=False)
+    assert K.gram_width("vjp") < K.num_params
+    a, b = nk.frobenius_norm(K, method="vjp", num_probes=12, seed=0), nk.frobenius_norm(Kg, method="vjp", num_probes=12, seed=0)
+    assert abs(a.value - b.value) < 1e-10 * b.value and K.gram_width("vjp") == K.num_params

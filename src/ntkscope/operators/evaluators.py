@@ -97,6 +97,20 @@ def is_randomness_error(e: Exception) -> bool:
     return "randomness" in str(e) and "vmap" in str(e)
 
 
+def random_model_error() -> ValueError:
+    return ValueError(
+        "the model draws random numbers (e.g. Dropout in training mode), so its NTK is not defined: call model.eval() first"
+    )
+
+
+def agrees(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether a fast path's result matches the generic path's, for passes in ``dtype``: relative
+    1e-10 in float64, 1e-4 otherwise."""
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    scale = torch.linalg.vector_norm(ref)
+    return bool(torch.linalg.vector_norm(got - ref) <= tol * scale) if scale > 0 else bool((got == 0).all())
+
+
 class Evaluator:
     """Evaluates ``J·U`` and ``Jᵀ·V`` on blocks of probe *rows*, ``chunk_size`` at a time.
 
@@ -180,12 +194,16 @@ class Evaluator:
                     ref = _cat(self._eval(mode, p, row, {}))
             except Exception:  # noqa: S112 — try the next generic path
                 continue
-            tol = 1e-10 if row.dtype == torch.float64 else 1e-4
-            scale = torch.linalg.vector_norm(ref)
-            return bool(torch.linalg.vector_norm(got - ref) <= tol * scale) if scale > 0 else bool((got == 0).all())
+            return agrees(got, ref, row.dtype)
         return True  # no generic path works (e.g. no forward-mode rule): the rules are the only way
 
     # -- evaluation ----------------------------------------------------------------------------
+
+    def _cache(self) -> dict[Any, Any]:
+        """Per-call state: the forward behind the VJP is shared by every chunk of this call, and by
+        every chunk of the enclosing map_probes call (the parameters cannot change in between)."""
+        shared = scope_cache()
+        return {} if shared is None else shared.setdefault(("evaluator", self), {})  # type: ignore[return-value]
 
     def run(self, mode: str, rows: torch.Tensor, reduce: Callable[[list[torch.Tensor]], torch.Tensor] | None = None) -> torch.Tensor:
         """``rows`` (m probes) through ``mode``: ``(m, D)`` or ``(m, P)`` rows, or ``reduce`` of
@@ -196,10 +214,7 @@ class Evaluator:
         path = self.paths[mode]
         order = [path] if path is not None else self.candidates(mode)
         outs = []
-        # the forward behind the VJP is shared by every chunk of this call, and by every chunk of
-        # the enclosing map_probes call (the parameters cannot change in between)
-        shared = scope_cache()
-        cache: dict[Any, Any] = {} if shared is None else shared.setdefault(("evaluator", self), {})  # type: ignore[assignment]
+        cache = self._cache()
         errors: list[str] = []
         start = 0
         while start < rows.shape[0]:
@@ -214,10 +229,7 @@ class Evaluator:
                         raise RuntimeError("the rules disagree with the generic path on a test probe")
             except Exception as e:  # try the next path
                 if is_randomness_error(e):
-                    raise ValueError(
-                        "the model draws random numbers (e.g. Dropout in training mode), so its NTK is "
-                        "not defined: call model.eval() first"
-                    ) from e
+                    raise random_model_error() from e
                 if p.rules:
                     self.rules_ok[mode] = False
                 errors.append(f"{p.name}: {type(e).__name__}: {e}")
@@ -267,8 +279,7 @@ class Evaluator:
         if self.ghost_checked.get(what) is False or self.ghost_norms() is None:
             return None
         assert self.ghost is not None
-        shared = scope_cache()
-        cache: dict[Any, Any] = {} if shared is None else shared.setdefault(("evaluator", self), {})  # type: ignore[assignment]
+        cache = self._cache()
         size = self.ghost_chunk_size or self.ghost.chunk_size or (self.ruled_chunk_size if self.ruled_f is not None else self.chunk_size)
         outs = []
         try:
@@ -283,9 +294,7 @@ class Evaluator:
                             return None
         except Exception as e:
             if is_randomness_error(e):
-                raise ValueError(
-                    "the model draws random numbers (e.g. Dropout in training mode), so its NTK is not defined: call model.eval() first"
-                ) from e
+                raise random_model_error() from e
             self.ghost_checked[what] = False
             return None
         self.ghost_ok = True
@@ -299,9 +308,7 @@ class Evaluator:
         else:
             V = self.run("vjp", rows).to(torch.float64)
             ref, got = V @ V.T, got.to(torch.float64) @ got.to(torch.float64).T
-        tol = 1e-10 if rows.dtype == torch.float64 else 1e-4
-        scale = torch.linalg.vector_norm(ref)
-        return bool(torch.linalg.vector_norm(got - ref) <= tol * scale) if scale > 0 else bool((got == 0).all())
+        return agrees(got, ref, rows.dtype)
 
 
 def no_path_message(mode: str, errors: list[str]) -> str:

@@ -111,7 +111,6 @@ def _session(s: _Session) -> Iterator[_Session]:
 class _Layer:
     name: str
     calls: list[int]  # indices of its calls in the forward's order
-    rows: int  # N, every call's rows together
     out: int
     bias: bool
 
@@ -141,7 +140,7 @@ class GhostNorms:
         self.layers: list[_Layer] = []
         for name, (_w, b) in layers.items():
             idx = [i for i, c in enumerate(calls) if c[0] == name]
-            self.layers.append(_Layer(name, idx, sum(calls[i][2] for i in idx), calls[idx[0]][1][-1], b is not None))
+            self.layers.append(_Layer(name, idx, calls[idx[0]][1][-1], b is not None))
         self.names_ghosted = [layer.name for layer in self.layers]
         # one probe's result numbers: the free parameters' gradients and the layers' Δ
         self.probe_numel = sum(self.primals[i].numel() for i in self.free) + sum(math.prod(s) for s in self.tap_shapes)

@@ -255,6 +255,7 @@ class NTK(FactoredKernel):
         self.num_params = num_params
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self._saved_numel: dict[bool, tuple[int, int, int]] = {}  # per rules flag: one measuring forward
         generic_chunk = chunk_size or self._default_chunk(self._fn_raw)
         ruled_chunk = None if ruled_fn is None else chunk_size or self._default_chunk(ruled_fn, rules=True)
         self._chunk_size = ruled_chunk or generic_chunk
@@ -315,7 +316,9 @@ class NTK(FactoredKernel):
         probes ran 1.3× slower than 33 MB ones at 128; the benchmark CNN, whose 147k-number
         unfolded input made 150 MB blocks at 256 probes, ran 1.3–1.6× slower than at 64).
         """
-        saved, cap, unfold = _saved_probe_numel(fn, self.primals, rules)
+        if rules not in self._saved_numel:  # fn is the function as written (rules=False) or with rules
+            self._saved_numel[rules] = _saved_probe_numel(fn, self.primals, rules)
+        saved, cap, unfold = self._saved_numel[rules]
         width = self.num_params if width is None else width  # numbers of one probe's result
         per_probe = self.dtype.itemsize * (self.dim + width + saved) * 2
         chunk = min(_MAX_AUTO_CHUNK, cap, chunk_budget_bytes(self.device) // per_probe)
@@ -377,7 +380,7 @@ class NTK(FactoredKernel):
         return out
 
     def gram_width(self, side: str) -> int:
-        g = self._evaluator.ghost_norms() if side == "vjp" else None
+        g = self._evaluator.ghost_norms() if side == "vjp" and self._evaluator.ghost_checked.get("gram_rows") is not False else None
         return super().gram_width(side) if g is None else g.probe_numel
 
     def _vjp(self, V: torch.Tensor) -> torch.Tensor:

@@ -135,7 +135,6 @@ def unregister_rule(cls: type) -> None:
 
 def _rule_for(module: nn.Module) -> tuple[type, Forward] | None:
     # a subclass with its own forward computes something else: it is left alone
-    _register_optional()
     return _find(_RULES, module)
 
 
@@ -156,6 +155,7 @@ def _ruled_class(cls: type, forward: Forward) -> type:
 
 def rule_names(model: nn.Module) -> list[str]:
     """``"name: Type"`` of every submodule of ``model`` that has a rule."""
+    _register_optional()
     return [f"{n or '(model)'}: {type(m).__name__}" for n, m in model.named_modules() if _rule_for(m) is not None]
 
 
