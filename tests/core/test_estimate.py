@@ -31,6 +31,15 @@ def test_positive_quantities_get_a_log_scale_interval() -> None:
     assert lo > 0 and hi / 10 == pytest.approx(10 / lo)  # symmetric in log, never below zero
 
 
+def test_a_very_wide_interval_reaches_infinity_and_bad_levels_are_refused() -> None:
+    # one degree of freedom at 99.999 %: q·stderr/value ≈ 3e4, whose exp overflowed (QA repro)
+    lo, hi = _est(quantity="trace", stderr=5.0, info={"dof": 1}).ci(0.99999)
+    assert lo == 0.0 and hi == math.inf
+    for level in (0, 1, 1.5, -0.1, True):
+        with pytest.raises(ValueError, match="level"):
+            _est().ci(level)
+
+
 def test_exact_values_and_cost_fields() -> None:
     e = _est(stderr=None, exact=True)
     assert e.ci() == (10.0, 10.0) and e.rel_stderr is None

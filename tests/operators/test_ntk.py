@@ -463,3 +463,39 @@ def test_errors_name_the_real_problem() -> None:
     by_alias = nk.NTK(tied, t, params=["out.weight"])
     assert by_alias.param_names == ["emb.weight"]
     assert nk.trace(by_alias, method="exact").value == pytest.approx(nk.trace(nk.NTK(tied, t), method="exact").value, rel=1e-12)
+
+
+class _NoGradFeatures(nn.Module):
+    """A frozen feature extractor written with ``torch.no_grad()``: backpropagation (and so J)
+    never sees ``a``, while forward-mode AD ignores ``no_grad``."""
+
+    def __init__(self, rnn: bool = False) -> None:
+        super().__init__()
+        self.a = nn.GRU(4, 5, batch_first=True) if rnn else nn.Linear(4, 5)
+        self.b = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            h = self.a(x)[0] if isinstance(self.a, nn.GRU) else torch.tanh(self.a(x))
+        return self.b(h)
+
+
+@pytest.mark.parametrize("rnn", [False, True], ids=["linear", "gru-rule"])
+def test_forward_mode_follows_backpropagation_through_no_grad(rnn: bool) -> None:
+    torch.manual_seed(0)
+    model = _NoGradFeatures(rnn).double()
+    x = torch.randn(7, 2, 4, dtype=torch.float64) if rnn else torch.randn(7, 4, dtype=torch.float64)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    J = jacrev(lambda p: functional_call(model, p, (x,)).reshape(-1))(params)
+    ref = sum(float(j.square().sum()) for j in J.values())  # only b's parameters move the output
+    K = nk.NTK(model, x)
+    P = K.num_params
+    assert nk.trace(K, method="jvp", num_probes=P, seed=0).value == pytest.approx(ref, rel=1e-10)  # the JVP side's exact value
+    assert K.paths["jvp"] == "vmap-double-vjp"
+    for method in ("exact", "hutchinson"):
+        e = nk.trace(K, method=method, num_probes=24, seed=0)
+        assert abs(e.value - ref) <= max(1e-10 * ref, 5 * (e.stderr or 0))
+    # a model whose forward mode is consistent keeps its forward-mode path
+    plain = nk.NTK(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double(), torch.randn(7, 4, dtype=torch.float64))
+    nk.trace(plain, method="jvp", num_probes=4, seed=0)
+    assert plain.paths["jvp"] == "vmap-forward"

@@ -75,6 +75,8 @@ class Estimate:
         estimates are right-skewed (a low estimate comes with a small stderr), which a symmetric
         interval misses from above.  Alignments get it on Fisher's scale,
         ``tanh(atanh(value) ± q·stderr/(1 − value²))``, which keeps it inside (−1, 1)."""
+        if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level < 1:
+            raise ValueError(f"level must be a probability strictly between 0 and 1, got {level!r}")
         if self.stderr is None:
             return (self.value, self.value)
         dof = self.info.get("dof")
@@ -86,7 +88,8 @@ class Estimate:
             q = NormalDist().inv_cdf(0.5 + level / 2)
         if self.quantity in POSITIVE and self.value > 0 and math.isfinite(self.stderr):
             r = q * self.stderr / self.value
-            return (self.value * math.exp(-r), self.value * math.exp(r))
+            # a wide interval (one degree of freedom, a level near 1) reaches to infinity, not an OverflowError
+            return (self.value * math.exp(-r), self.value * math.exp(r) if r < 700 else math.inf)
         if self.quantity in COSINES and abs(self.value) < 1 and math.isfinite(self.stderr):
             z, r = math.atanh(self.value), q * self.stderr / (1 - self.value**2)
             return (math.tanh(z - r), math.tanh(z + r))

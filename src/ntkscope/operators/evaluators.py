@@ -9,7 +9,13 @@ probe rows chunk by chunk along the first *path* that works:
 * ``vmap-*``: ``vmap`` over ``jvp``/``vjp`` of the function as written;
 * ``loop-*``: a Python loop over probes (where ``vmap`` is unsupported);
 * ``*-no-mkldnn``: with oneDNN off (its LSTM has no forward-mode rule on CPU);
-* ``*-double-vjp``: J·u as the VJP of the linear map w ↦ Jᵀw (where forward mode is missing).
+* ``*-double-vjp``: J·u as the VJP of the linear map w ↦ Jᵀw (where forward mode is missing, or
+  disagrees with reverse mode).
+
+``J`` is the Jacobian that backpropagation sees.  Forward-mode AD ignores ``torch.no_grad()``
+regions inside a forward (a frozen feature extractor written that way), so its J·u can belong to
+a larger Jacobian; the first forward-mode result is therefore checked once against reverse mode
+(``(Jᵀ(Ju))·u = ‖Ju‖²``), and where they disagree J·u is taken as the VJP of a VJP.
 
 Every path runs with attention as plain matrix products (:func:`ntkscope.operators.rules.math_attention`),
 so fused attention kernels without forward-mode rules never block the JVP.
@@ -111,6 +117,14 @@ def agrees(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> bool:
     return bool(torch.linalg.vector_norm(got - ref) <= tol * scale) if scale > 0 else bool((got == 0).all())
 
 
+class ForwardModeMismatch(RuntimeError):
+    """Forward-mode J·u disagrees with reverse mode's Jᵀ (e.g. ``torch.no_grad()`` in the forward)."""
+
+
+#: relative tolerance of the forward/reverse consistency check, by dtype (others: 3e-2)
+_ADJOINT_RTOL = {torch.float64: 1e-8, torch.float32: 1e-3}
+
+
 class Evaluator:
     """Evaluates ``J·U`` and ``Jᵀ·V`` on blocks of probe *rows*, ``chunk_size`` at a time.
 
@@ -145,6 +159,7 @@ class Evaluator:
         self.forced = {"jvp": jvp_path is not None, "vjp": vjp_path is not None}
         self.broken: dict[str, Exception] = {}
         self.rules_ok: dict[str, bool] = {}  # per mode: checked against a generic path
+        self.forward_ok: bool | None = None  # forward mode checked against reverse mode
         self._ghost_factory = ghost  # built on first use (one recording forward)
         self.ghost: GhostNorms | None = None
         self.ghost_ok: bool | None = None  # None: not tried; True once a ghost result was used
@@ -157,7 +172,8 @@ class Evaluator:
     def candidates(self, mode: str) -> list[Path]:
         every = JVP_PATHS if mode == "jvp" else VJP_PATHS
         rules = self.ruled_f is not None and self.rules_ok.get(mode) is not False
-        return [p for p in every if rules or not p.rules]
+        forward = mode != "jvp" or self.forward_ok is not False
+        return [p for p in every if (rules or not p.rules) and (forward or p.double_vjp)]
 
     def _fn(self, path: Path) -> Callable[..., torch.Tensor]:
         if not path.rules:
@@ -197,6 +213,22 @@ class Evaluator:
             return agrees(got, ref, row.dtype)
         return True  # no generic path works (e.g. no forward-mode rule): the rules are the only way
 
+    def _check_forward(self, u: torch.Tensor, ju: torch.Tensor) -> bool:
+        """Whether forward mode's ``Ju`` (one probe ``u``) is reverse mode's: ``(Jᵀ(Ju))·u`` must
+        equal ``‖Ju‖²``.  One uncounted VJP pass, once per kernel; True where no reverse path works."""
+        for p in VJP_PATHS:
+            if p.rules:
+                continue
+            try:
+                with p.context():
+                    g = _cat(self._eval("vjp", p, ju, {}))
+            except Exception:  # noqa: S112 — try the next reverse path
+                continue
+            a = float(ju.to(torch.float64).square().sum())
+            b = float((g.to(torch.float64) * u.to(torch.float64)).sum())
+            return abs(a - b) <= _ADJOINT_RTOL.get(u.dtype, 3e-2) * max(a, abs(b))
+        return True
+
     # -- evaluation ----------------------------------------------------------------------------
 
     def _cache(self) -> dict[Any, Any]:
@@ -227,9 +259,23 @@ class Evaluator:
                     self.rules_ok[mode] = self._verify(mode, chunk[:1], _cat([o[:1] for o in out]))
                     if not self.rules_ok[mode]:
                         raise RuntimeError("the rules disagree with the generic path on a test probe")
+                if mode == "jvp" and not p.double_vjp and self.forward_ok is None:
+                    self.forward_ok = self._check_forward(chunk[:1], _cat([o[:1] for o in out]))
+                    if not self.forward_ok:
+                        raise ForwardModeMismatch(
+                            "forward-mode J·u disagrees with reverse mode (torch.no_grad() inside the forward? forward-mode AD "
+                            "ignores it, backpropagation does not)"
+                        )
             except Exception as e:  # try the next path
                 if is_randomness_error(e):
                     raise random_model_error() from e
+                if isinstance(e, ForwardModeMismatch) and not self.forced[mode]:
+                    order = [q for q in order if q.double_vjp]
+                    errors.append(f"{p.name}: {e}")
+                    if not order:
+                        self.broken[mode] = RuntimeError("; ".join(errors))
+                        raise RuntimeError(no_path_message(mode, errors)) from e
+                    continue
                 if p.rules:
                     self.rules_ok[mode] = False
                 errors.append(f"{p.name}: {type(e).__name__}: {e}")
