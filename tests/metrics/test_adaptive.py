@@ -133,6 +133,29 @@ def test_every_quantity_stays_within_max_passes(method: str) -> None:
             nk.alignment(K, K2, method="xtrace", rtol=1e-6, max_passes=20, seed=0)
 
 
+def test_max_passes_below_the_exact_cost_is_kept_by_auto_and_refused_by_exact() -> None:
+    """auto's default budget (32 passes) covered the exact value (30) and spent it past
+    max_passes=10 (a new user's repro); an explicit exact method names the conflict."""
+    torch.manual_seed(0)
+    K = nk.NTK(torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double(), torch.randn(10, 5, dtype=torch.float64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", nk.ConvergenceWarning)
+        for call in (nk.trace, nk.effective_rank):
+            for kw in ({"max_passes": 10}, {"rtol": 0.5, "max_passes": 10}):
+                e = call(K, seed=0, **kw)
+                assert not e.exact and e.passes <= 10, (call.__name__, kw, e.method, e.passes)
+    assert nk.trace(K, seed=0, max_passes=40).exact  # a cap above the exact cost still takes it
+    with pytest.raises(ValueError, match="method='exact' costs 30 passes, more than max_passes=10"):
+        nk.trace(K, method="exact", max_passes=10)
+
+
+def test_convergence_warning_points_at_the_callers_line() -> None:
+    K = nk.NTK.from_jacobian(jacobian_with_spectrum(40, 60, torch.arange(1, 41, dtype=torch.float64) ** -0.5))
+    with pytest.warns(ConvergenceWarning) as record:
+        nk.trace(K, method="vjp", seed=0, rtol=1e-8, max_passes=8)
+    assert record[0].filename == __file__
+
+
 def test_parameter_blocks_stay_within_max_passes() -> None:
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(6, 20), torch.nn.Tanh(), torch.nn.Linear(20, 4)).double()

@@ -200,8 +200,11 @@ class _Run:
         self.run_ops = [proxies[id(o)] for o in self.ops]
 
     def resolve_auto(self) -> None:
+        budget = self.m  # auto's budget: m passes per kernel, never more than max_passes allows
+        if self.opts.max_passes is not None:
+            budget = max(1, min(budget, self.opts.max_passes // len(self.distinct)))
         self.method, self.m, self.info["reason"] = auto.resolve(
-            self.ops, self.run_ops, self.quantity.name, self.m, seed=self.seed, probes=self.probe_kind, info=self.info
+            self.ops, self.run_ops, self.quantity.name, budget, seed=self.seed, probes=self.probe_kind, info=self.info
         )
         if not self.opts.adaptive and (self.method not in ONE_SIDED or "pilot_passes" not in self.info):
             self.run_ops = self.ops  # only the one-sided methods reuse the pilot's products; skip the memo's cost
@@ -316,6 +319,10 @@ def estimate(quantity: Quantity, kernels: Sequence[Any], opts: MetricOptions, ta
     probe_kind = parse_probe(opts.probes) if opts.probes is not None else None
     run = _Run(quantity, opts, ops, meth, m, seed, probe_kind, targets)
     run.check_budget()
+    if meth is Method.EXACT and opts.max_passes is not None and run.exact_cost > opts.max_passes:
+        raise ValueError(
+            f"method='exact' costs {run.exact_cost} passes, more than max_passes={opts.max_passes}: raise max_passes or choose a sampled method"
+        )
     if opts.adaptive or meth is Method.AUTO:
         run.memoise()
     if meth is Method.AUTO:
