@@ -98,6 +98,10 @@ FACTORIES = textwrap.dedent(
 
     def boom():
         return Boom(4, 2), torch.randn(3, 4)
+
+
+    def gru():
+        return nn.GRU(3, 4), torch.randn(5, 2, 3)  # returns (output, h_n): the factory must pick one
     """
 )
 
@@ -296,6 +300,7 @@ def test_training_plots_say_what_the_bars_are_and_use_whole_steps(tmp_path: Path
         (["--rtol", "-1"], "--rtol"),
         (["--probe-kind", "orthogonal"], "trace only"),
         (["--model", "FACT:frozen"], "no trainable parameters"),
+        (["--model", "FACT:gru"], "return {'model': m, 'inputs': x, 'output': 0}"),
         (["--method", "vjp_proj"], "trace only"),
         (["track", "--method", "bogus"], "unknown --method"),
         (["track", "--method", "jvp_proj"], "trace only"),
@@ -440,6 +445,13 @@ def test_targets_must_have_the_state_shape_not_just_its_size() -> None:
     assert nk.target_alignment(K, y[:, :, None], method="exact").value == pytest.approx(a, rel=1e-12)
     with pytest.raises(ValueError, match=r"targets of shape \(3, 6\) do not match the state of shape \(6, 3\)"):
         nk.target_alignment(K, y.T, method="exact")
+    # one logit per example: integer 0/1 labels cannot be one-hot over it (was "labels must lie in [0, 1)")
+    torch.manual_seed(0)
+    binary = nk.NTK(torch.nn.Linear(5, 1).double(), torch.randn(6, 5, dtype=torch.float64))
+    labels = torch.tensor([0, 1, 1, 0, 1, 0])
+    with pytest.raises(ValueError, match=r"cannot be one-hot encoded over a state of shape \(6, 1\).*y.float\(\)"):
+        nk.target_alignment(binary, labels, method="exact")
+    assert 0 < nk.target_alignment(binary, 2 * labels.double() - 1, method="exact").value <= 1
 
 
 def test_inputs_that_require_grad_are_detached() -> None:

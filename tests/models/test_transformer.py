@@ -111,8 +111,11 @@ def test_select_axes_errors_and_aliases():
 
 def test_memory_plan_picks_side_and_chunk(encoder):
     x = torch.randn(2, 4, 8, dtype=torch.float64)
-    K = transformer_ntk(encoder, x, memory_budget=1)
+    with pytest.warns(UserWarning, match="not even 1 probe fits the 0.0 MiB budget") as record:
+        K = transformer_ntk(encoder, x, memory_budget=1)
+    assert record[0].filename == __file__  # the warning points at the user's line
     assert K.plan["side"] == "vjp" and K.chunk_size == 1 and K.method == "vjp"
+    assert K.plan["estimated_peak_bytes"] > K.plan["memory_budget"] and "running 1 at a time" in K.plan["reason"]
     K2 = transformer_ntk(encoder, x, params=["layers.1.linear2.bias"])
     assert K2.plan["side"] == "jvp"  # P = 8 < D = 64
     assert K2.plan["activation_bytes"] > 0

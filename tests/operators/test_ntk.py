@@ -499,3 +499,21 @@ def test_forward_mode_follows_backpropagation_through_no_grad(rnn: bool) -> None
     plain = nk.NTK(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double(), torch.randn(7, 4, dtype=torch.float64))
     nk.trace(plain, method="jvp", num_probes=4, seed=0)
     assert plain.paths["jvp"] == "vmap-forward"
+
+
+def test_a_forward_that_writes_into_its_input_is_refused_before_it_changes_the_tensor() -> None:
+    class Doubles(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x.mul_(2.0)  # was reported as "random or stateful", after doubling the user's tensor
+            return self.lin(x)
+
+    x = torch.randn(6, 4, dtype=torch.float64)
+    before = x.clone()
+    for model in (Doubles().double(), nn.Sequential(nn.ReLU(inplace=True), nn.Linear(4, 3)).double()):
+        with pytest.raises(ValueError, match=r"writes into its input tensor 0 in place.*x = x.clone\(\)"):
+            nk.NTK(model, x)
+        assert torch.equal(x, before)

@@ -34,6 +34,7 @@ except ImportError as e:
 from .. import distributed
 from ..core.probes import Probe
 from ..metrics import Method
+from ..operators.modules import OutputError
 from . import compare
 from . import track as tr
 from .demo import run_demo
@@ -120,6 +121,9 @@ def _errors() -> Iterator[None]:
         raise _fail(str(e), EXIT_USAGE) from None
     except tr.SettingsMismatchError as e:
         raise _fail(str(e), EXIT_USAGE) from None
+    except OutputError as e:  # the factory must pick the state: output= is the Python keyword
+        hint = "from the command line, return {'model': m, 'inputs': x, 'output': 0} (or a key, or a callable) from the factory"
+        raise _fail(f"{e}; {hint}", EXIT_USAGE) from None
     except UserCodeError as e:
         raise _fail(str(e), EXIT_ERROR, e.user_traceback) from None
     except (ValueError, TypeError, RuntimeError, FileNotFoundError) as e:
@@ -218,7 +222,8 @@ def _print_results(results: list[dict[str, Any]], title: str, wall: float, as_js
                 console.print(line, highlight=False, soft_wrap=True)
         console.print()
     console.print(
-        f"stderr: jackknife over probes; passes: AD passes (JVP + VJP, pilot included); rel. err vs the exact kernel; "
+        f"stderr: jackknife over probes; passes: each metric's AD passes (JVP + VJP, auto's pilot included; the warm-up "
+        f"passes that time each AD mode once, before the first metric, are not); rel. err vs the exact kernel; "
         f"speed-up: exact time / estimate time.  Total wall time {wall:.1f} s.",
         highlight=False,
     )

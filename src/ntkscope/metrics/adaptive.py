@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
-import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,6 +40,7 @@ from typing import Any
 
 import torch
 
+from ..core.callers import user_stacklevel
 from ..operators.base import FactoredKernel, KernelOperator
 
 __all__ = ["ConvergenceWarning", "CachedFactor", "CachedKernel", "cached", "drive", "AdaptiveResult"]
@@ -168,18 +167,6 @@ def check_tolerances(rtol: float | None, atol: float | None, max_passes: int | N
         raise ValueError(f"max_passes must be a positive int, got {max_passes!r}")
 
 
-_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _user_stacklevel() -> int:
-    """The ``stacklevel`` of the first frame outside ntkscope, seen from the caller: a warning
-    then points at the user's line, however deep the metric's call chain."""
-    level, frame = 1, sys._getframe(1)
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
-        level, frame = level + 1, frame.f_back  # type: ignore[assignment]
-    return level
-
-
 def drive(
     run: Callable[[int], tuple[float, float, Any]],
     passes: Callable[[], int],
@@ -254,7 +241,7 @@ def drive(
                 warnings.warn(
                     f"{what}: stderr {se:.3g} > tolerance {tol:.3g} at {m} probes: {reason}",
                     ConvergenceWarning,
-                    stacklevel=_user_stacklevel(),
+                    stacklevel=user_stacklevel(),
                 )
             return AdaptiveResult(value, se, payload, m, converged, history, reason)
         prev_m, prev_passes = m, used

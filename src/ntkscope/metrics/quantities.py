@@ -61,6 +61,34 @@ from .run import MetricOptions, estimate
 __all__ = ["trace", "frobenius_norm", "effective_rank", "alignment", "target_alignment", "as_targets"]
 
 
+_SHARED_ARGS = """
+
+    Args:
+        method: ``"auto"`` (default), ``"exact"``, ``"vjp"``, ``"jvp"``, ``"hutchinson"``, ``"hutchpp"``,
+            ``"xtrace"`` (also ``"vjp_proj"``, ``"jvp_proj"``); see :class:`~ntkscope.metrics.methods.Method`.
+        num_probes: random probes of the method (default 100; with a tolerance 32 to start); under
+            ``"auto"`` a budget of that many AD passes per kernel.
+        seed: an int, a ``torch.Generator`` or None (fresh entropy); the same seed gives the same value.
+        probes: the probe distribution, ``"rademacher"`` (default), ``"gaussian"``, ``"sphere"``,
+            ``"orthogonal"`` (the CLI's ``--probe-kind``).
+        chunk_size: probes per batched product (memory and speed only).
+        rtol: grow the probes until ``stderr ≤ max(atol, rtol·|value|)`` (details in
+            :mod:`ntkscope.metrics.quantities`).
+        atol: the absolute part of that tolerance.
+        max_passes: the most AD passes the call may spend (with a tolerance, default 100 000).
+
+    Returns:
+        an :class:`~ntkscope.core.estimate.Estimate`: ``value``, ``stderr``, ``ci()``, the passes spent
+        (``jvp_passes``, ``vjp_passes``) and ``info`` (the reason for ``auto``'s choice, the paths that ran).
+    """
+
+
+def _shared_args(fn: Any) -> Any:
+    fn.__doc__ = (fn.__doc__ or "").rstrip() + _SHARED_ARGS
+    return fn
+
+
+@_shared_args
 def trace(
     K: Any,
     method: str | Method = "auto",
@@ -87,6 +115,7 @@ def trace(
     return estimate(QUANTITIES["trace"], [K], MetricOptions(method, num_probes, seed, probes, chunk_size, rtol, atol, max_passes))
 
 
+@_shared_args
 def frobenius_norm(
     K: Any,
     method: str | Method = "auto",
@@ -117,6 +146,7 @@ def frobenius_norm(
     return estimate(quantity, [K], MetricOptions(method, num_probes, seed, probes, chunk_size, rtol, atol, max_passes))
 
 
+@_shared_args
 def effective_rank(
     K: Any,
     method: str | Method = "auto",
@@ -144,6 +174,7 @@ def effective_rank(
     return estimate(QUANTITIES["effective_rank"], [K], MetricOptions(method, num_probes, seed, probes, chunk_size, rtol, atol, max_passes))
 
 
+@_shared_args
 def alignment(
     K1: Any,
     K2: Any,
@@ -188,6 +219,11 @@ def as_targets(targets: Any, op: KernelOperator) -> torch.Tensor:
     if not y.is_floating_point():
         # class labels: one-hot over the last state axis, e.g. (B,) labels for (B, C) logits
         if len(shape) >= 2 and y.shape == tuple(shape[:-1]):
+            if shape[-1] == 1:
+                raise ValueError(
+                    f"integer targets of shape {tuple(y.shape)} cannot be one-hot encoded over a state of shape {tuple(shape)} "
+                    "(one output per example): pass float targets, e.g. y.float() for 0/1 or 2 * y.float() - 1 for ±1"
+                )
             if y.min() < 0 or y.max() >= shape[-1]:
                 raise ValueError(f"class labels must lie in [0, {shape[-1]}), got range [{int(y.min())}, {int(y.max())}]")
             y = torch.nn.functional.one_hot(y.long(), shape[-1])
@@ -208,6 +244,7 @@ def as_targets(targets: Any, op: KernelOperator) -> torch.Tensor:
     return y
 
 
+@_shared_args
 def target_alignment(
     K: Any,
     targets: Any,

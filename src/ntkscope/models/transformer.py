@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +48,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from ..core.callers import user_stacklevel
 from ..core.memory import available_bytes
 from ..operators.modules import analysis_module, saved_activations, select_params, split_inputs, tensors
 from ..operators.ntk import NTK
@@ -457,6 +459,12 @@ def plan_memory(ntk: NTK, memory_budget: int | None = None, chunk_size: int | No
     else:
         chunk = int(max(1, min(256, (budget - act) // max(per_probe, 1))))
         why = f"{chunk} probe(s) of ≈{per_probe / 2**20:.1f} MiB each fit the {budget / 2**20:.0f} MiB budget"
+        if act + per_probe > budget:  # one probe at a time is the least memory there is, but it is not within budget
+            why = (
+                f"not even 1 probe fits the {budget / 2**20:.1f} MiB budget (≈{per_probe / 2**20:.1f} MiB per probe after "
+                f"{act / 2**20:.1f} MiB of activations): running 1 at a time, peak ≈{(act + per_probe) / 2**20:.1f} MiB"
+            )
+            warnings.warn(f"transformer_ntk: {why}", UserWarning, stacklevel=user_stacklevel())
     return {
         "side": side,
         "chunk_size": chunk,

@@ -270,14 +270,21 @@ class NTK(FactoredKernel):
         detached views of them.  A parameter the forward writes in place (``nn.Embedding(max_norm=)``
         renormalises its rows) is replaced by a copy of its own, here and for every later pass."""
         copied: set[str] = set()
+        inputs = {f"input tensor {i}": t for i, t in enumerate(tensors(self.inputs))}
         while True:
             watched = {n: t for n, t in (*zip(self.param_names, self.primals), *fixed.items()) if n not in copied}
             try:
-                with RefuseWrites(watched):
+                with RefuseWrites({**inputs, **watched}):
                     return fn(*self.primals)
             except OutputError:
                 raise
             except ParameterWrite as w:
+                if w.name in inputs:  # torch.func refuses it in every pass, after it changed the user's tensor
+                    raise ValueError(
+                        f"{what} writes into its {w.name} in place (e.g. x.mul_(), x += ..., ReLU(inplace=True) on an "
+                        "input): torch.func cannot differentiate that, and it would change your tensor; clone the input "
+                        "in forward (x = x.clone()) or use an out-of-place op"
+                    ) from None
                 copied.add(w.name)
                 if w.name in fixed:
                     fixed[w.name] = fixed[w.name].clone()
