@@ -101,7 +101,7 @@ def _measure(
 
 
 def _movement(net: AlphaScaled) -> float:
-    th0 = net.initial_parameters()
+    th0 = net.initial_parameters(trainable=False)
     num = sum(float((p.detach() - th0[n]).square().sum()) for n, p in net.model.named_parameters())
     den = sum(float(t.square().sum()) for t in th0.values())
     return math.sqrt(num / den)

@@ -23,6 +23,10 @@ estimates: it and its gradient are biased at finite m (delta-method bias ``O(1/m
 as the probe count grows).  For an unbiased alignment-type loss use the linear terms
 (e.g. ``-Î / c`` with a constant c, or ``F̂ − 2Î`` = ‖K₁ − K₂‖_F² − ‖K₂‖_F² when K₂ is fixed).
 
+Normalisation layers (``layer_norm``, ``batch_norm``, ``instance_norm``, ``rms_norm``) run as
+elementary operations here: PyTorch's fused kernels have wrong second derivatives under
+``torch.func`` (:mod:`ntkscope.operators.rules.norms`).
+
 All functions take tensors and return 0-d tensors in the graph; nothing here calls ``.item()``
 or detaches, so nothing is retained between training steps once the loss is back-propagated.
 
@@ -44,6 +48,7 @@ from .core.probes import Probe, ProbeStream, parse_probe
 from .operators.evaluators import jvp_rows, pullback_rows, unflatten_rows
 from .operators.modules import analysis_module, check_no_dropout, select_output, split_inputs
 from .operators.rules import math_attention
+from .operators.rules.norms import elementary_norms
 
 __all__ = [
     "draw_probes",
@@ -104,7 +109,8 @@ def function_vectors(
     values = tuple(params[n] for n in names)
 
     def f(*ts: torch.Tensor) -> torch.Tensor:
-        return fn(dict(zip(names, ts))).reshape(-1)
+        with elementary_norms():  # the fused norm kernels' second derivatives are wrong (rules.norms)
+            return fn(dict(zip(names, ts))).reshape(-1)
 
     if probes.dim() != 2:
         raise ValueError(f"probes must be a (dim, m) block, got shape {tuple(probes.shape)}")

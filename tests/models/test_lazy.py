@@ -47,6 +47,18 @@ def test_ntk_of_the_scaled_model_is_alpha_squared_k() -> None:
     torch.testing.assert_close(ex.kernel(K0), ex.kernel(K))
 
 
+def test_the_initial_kernel_is_over_the_same_parameters_when_some_are_frozen() -> None:
+    inner = _net()
+    first = next(inner.parameters())
+    first.requires_grad_(False)  # the docs' recipe differentiated it anyway (a QA repro)
+    net = AlphaScaled(inner, 3.0)
+    K, K0 = nk.NTK(inner, X), nk.NTK(inner, X, params=net.initial_parameters())
+    assert K0.param_names == K.param_names and K0.num_params == K.num_params
+    torch.testing.assert_close(ex.kernel(K0), ex.kernel(K))  # nothing has moved yet
+    assert len(net.initial_parameters(trainable=False)) == len(list(inner.parameters()))
+    torch.testing.assert_close(net.reference(X), inner(X))
+
+
 @pytest.mark.parametrize("alpha", [30.0, 300.0])
 def test_one_sgd_step_follows_the_kernel_for_large_alpha(alpha: float) -> None:
     """With loss L(f_α)/α², an SGD step moves f_α by −η K ∇L + O(η²/α), whatever α."""

@@ -517,3 +517,50 @@ def test_a_forward_that_writes_into_its_input_is_refused_before_it_changes_the_t
         with pytest.raises(ValueError, match=r"writes into its input tensor 0 in place.*x = x.clone\(\)"):
             nk.NTK(model, x)
         assert torch.equal(x, before)
+
+
+def test_building_kernels_leaks_no_tensors() -> None:
+    """Measuring a forward's activations kept each saved tensor tied to its own grad_fn, a cycle
+    the garbage collector cannot see: 4 tensors per NTK, so a Monitor's memory grew every record."""
+    import gc
+
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)), torch.randn(8, 5)
+
+    def live() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if type(o) is torch.Tensor or type(o) is nn.Parameter)
+
+    nk.trace(nk.NTK(model, x), method="vjp", num_probes=4, seed=0)
+    before = live()
+    for s in range(10):
+        nk.trace(nk.NTK(model, x), method="vjp", num_probes=4, seed=s)
+    assert live() - before <= 2
+
+
+def test_a_failed_call_does_not_disable_the_kernel() -> None:
+    """A forward that failed once (a live kernel kept through training) made every later call
+    raise "VJP is unavailable", even once the cause was gone."""
+
+    class Flaky(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin, self.fail = nn.Linear(3, 2), False
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.fail:
+                raise RuntimeError("transient")
+            return self.lin(x)
+
+    torch.manual_seed(0)
+    model = Flaky().double()
+    K = nk.NTK(model, torch.randn(4, 3, dtype=torch.float64))
+    model.fail = True
+    for method in ("vjp", "jvp"):
+        with pytest.raises(RuntimeError, match="transient"):
+            nk.trace(K, method=method, num_probes=4, seed=0)
+    model.fail = False
+    exact = nk.trace(K, method="exact").value
+    for method in ("vjp", "jvp"):
+        assert nk.trace(K, method=method, num_probes=64, seed=0).value == pytest.approx(exact, rel=0.5)
+    assert K.modes() == {"jvp": True, "vjp": True}

@@ -92,10 +92,13 @@ class AlphaScaled(nn.Module):
         """``loss / α²`` — the loss of the α-scaled objective."""
         return loss * self.loss_scale
 
-    def initial_parameters(self) -> dict[str, torch.Tensor]:
+    def initial_parameters(self, trainable: bool = True) -> dict[str, torch.Tensor]:
         """θ₀ as a dict name -> tensor (e.g. ``NTK(net.model, X, params=net.initial_parameters())``,
-        the kernel at initialisation)."""
-        return {n: getattr(self.theta0, str(i)) for i, n in enumerate(self._names)}
+        the kernel at initialisation): of the parameters that require grad now, the ones
+        ``NTK(net.model, X)`` analyses, so the two kernels are over the same parameters (frozen
+        ones are constants of both); ``trainable=False``: of every parameter."""
+        grad = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        return {n: getattr(self.theta0, str(i)) for i, n in enumerate(self._names) if not trainable or n in grad}
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """The inner model's parameters (θ; the wrapper adds none)."""
@@ -106,7 +109,7 @@ class AlphaScaled(nn.Module):
         # on the analysis module: a module under two names keeps its Parameters, and train-mode
         # BatchNorm normalises with batch statistics without moving its running stats twice a step
         with torch.no_grad():
-            return functional_call(analysis_module(self.model), self.initial_parameters(), args, kwargs, strict=False)
+            return functional_call(analysis_module(self.model), self.initial_parameters(trainable=False), args, kwargs, strict=False)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         out = self.model(*args, **kwargs)

@@ -240,9 +240,9 @@ class Evaluator:
     def run(self, mode: str, rows: torch.Tensor, reduce: Callable[[list[torch.Tensor]], torch.Tensor] | None = None) -> torch.Tensor:
         """``rows`` (m probes) through ``mode``: ``(m, D)`` or ``(m, P)`` rows, or ``reduce`` of
         each chunk's blocks (a list of ``(m, ·)`` column groups), concatenated: the whole result
-        block is never held, nor even one chunk's concatenation."""
-        if mode in self.broken:
-            raise RuntimeError(f"{mode.upper()} is unavailable for this model: {self.broken[mode]}")
+        block is never held, nor even one chunk's concatenation.  A mode that failed is tried
+        again (the failure may have been the forward's, and passed); ``broken`` keeps the last
+        failure for :meth:`NTK.modes` until a call succeeds."""
         path = self.paths[mode]
         order = [path] if path is not None else self.candidates(mode)
         outs = []
@@ -287,6 +287,7 @@ class Evaluator:
             outs.append(_cat(out) if reduce is None else reduce(out))
             start += chunk.shape[0]
             self.paths[mode] = p
+            self.broken.pop(mode, None)
             order = [p]
         return torch.cat(outs, 0) if len(outs) > 1 else outs[0]
 

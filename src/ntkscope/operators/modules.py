@@ -289,6 +289,10 @@ class RefuseWrites(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+def _never_unpacked(_: Any) -> torch.Tensor:
+    raise RuntimeError("saved_activations measures a forward; nothing may run its backward")
+
+
 def saved_activations(fn: Callable[..., torch.Tensor], primals: Sequence[torch.Tensor]) -> SavedActivations:
     """Measure the activations of one forward ``fn(*primals)`` with ``saved_tensors_hooks``.
 
@@ -302,28 +306,30 @@ def saved_activations(fn: Callable[..., torch.Tensor], primals: Sequence[torch.T
     seen_storages: set[int] = set()
     numel = nbytes = 0
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
+    def pack(t: torch.Tensor) -> None:
+        # keeps nothing: no backward runs, and a kept output (tanh saves its own) would tie the
+        # tensor to its own grad_fn in a cycle the garbage collector cannot see (a leak per NTK)
         nonlocal numel, nbytes
         try:
             ptr = t.data_ptr()
         except RuntimeError:
-            return t
+            return None
         if ptr not in param_ptrs and ptr not in seen_ptrs:
             seen_ptrs.add(ptr)
             numel += t.numel()
         try:
             storage = t.untyped_storage()
         except RuntimeError:
-            return t
+            return None
         key = storage.data_ptr()
         if key not in param_storages and key not in seen_storages:
             seen_storages.add(key)
             nbytes += storage.nbytes()
-        return t
+        return None
 
     leaves = [p.detach().requires_grad_() for p in primals]
     watch = _WatchConvolutions()
     with torch.enable_grad(), quiet(), torch.random.fork_rng(devices=[]):
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), watch:
+        with torch.autograd.graph.saved_tensors_hooks(pack, _never_unpacked), watch:
             fn(*leaves)
     return SavedActivations(numel, nbytes, watch.largest_unfold)
