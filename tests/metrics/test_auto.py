@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -70,3 +71,15 @@ def test_auto_never_times_passes_and_a_seed_fixes_its_answer(monkeypatch: pytest
         assert (fresh.method, fresh.num_probes, fresh.value) == (again.method, again.num_probes, again.value)
         assert fresh.method == "vjp" and fresh.num_probes == budget - 2  # one check pass per AD mode
         assert fresh.passes <= budget and fresh.stderr is not None and math.isfinite(fresh.stderr)
+
+
+
+def test_auto_reads_a_low_precision_pilot_at_float32_round_off() -> None:
+    """In float16/bfloat16 the pilot's "spans K's range" threshold (10³·eps) exceeded 1, so auto
+    chose Hutch++ for every kernel, calling it exact up to round-off (a QA repro)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.Tanh(), torch.nn.Linear(32, 8))
+    x = torch.randn(40, 10)
+    for dtype in (torch.float16, torch.bfloat16):
+        low = nk.trace(nk.NTK(copy.deepcopy(model).to(dtype), x.to(dtype)), num_probes=64, seed=0)
+        assert low.method == "vjp", (dtype, low.info["reason"])

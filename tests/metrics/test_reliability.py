@@ -583,3 +583,39 @@ def test_exact_costs_one_jacobian_and_budgets_above_it_run_exact() -> None:
     r = nk.effective_rank(K, method="jvp", num_probes=80, seed=0)
     assert r.exact and (r.jvp_passes, r.vjp_passes) == (75, 0)
     assert r.value == pytest.approx(nk.effective_rank(K, method="exact").value, rel=1e-10)
+
+
+def test_non_finite_products_raise_or_are_avoided_instead_of_hanging() -> None:
+    """A stable-shift Nyström grew its shift forever on inf/nan products: top_eigenvalues, and
+    auto's pilot sketch (the default nk.trace), hung on a model whose forward-mode derivative is
+    infinite (sqrt at 0) while reverse mode is finite (QA repros)."""
+    r = _python(
+        """
+        import math, torch, ntkscope as nk
+        from ntkscope.metrics import spectrum as sp
+        from ntkscope.tasks import jacobian_with_spectrum
+        J = jacobian_with_spectrum(20, 30, torch.ones(20, dtype=torch.float64))
+        J[0, 0] = math.inf
+        K = nk.NTK.from_jacobian(J)
+        for call in (lambda: sp.top_eigenvalues(K, k=3, method="nystrom", seed=0), lambda: nk.trace(K, method="xtrace", num_probes=8, seed=0)):
+            try:
+                call()
+            except FloatingPointError as e:
+                print("RAISED", "not finite" in str(e))
+        torch.manual_seed(0)
+
+        class Sqrt(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.a, self.b = torch.nn.Linear(10, 16), torch.nn.Linear(16, 3)
+
+            def forward(self, x):
+                return self.b(torch.relu(self.a(x)).sqrt())
+
+        e = nk.trace(nk.NTK(Sqrt().double(), torch.randn(30, 10, dtype=torch.float64)), num_probes=40, seed=0)
+        print("AUTO", e.method, math.isfinite(e.value))
+        """,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("RAISED True") == 2 and "AUTO vjp True" in r.stdout, r.stdout

@@ -91,6 +91,10 @@ def test_entropy_rank_exact_formula() -> None:
     assert sp.participation_ratio_of(lam) == pytest.approx(64 / 22)
     with pytest.raises(ValueError):
         sp.entropy_rank_of(torch.zeros(3))
+    zero = nk.NTK.from_jacobian(torch.zeros(5, 4, dtype=torch.float64))
+    for method in ("exact", "slq"):  # slq returned nan ± inf
+        with pytest.raises(ValueError, match="zero"):
+            sp.entropy_effective_rank(zero, method=method, num_probes=4, seed=0)
 
 
 def test_entropy_effective_rank_slq_vs_exact(mlp: nk.NTK, mlp_eigs: torch.Tensor) -> None:
@@ -133,3 +137,17 @@ def test_slq_runs_every_probe_in_one_block_per_step() -> None:
     op.matmat = lambda X: (calls.append(X.shape[-1]), inner(X))[1]  # type: ignore[method-assign]
     nk.spectral_density(op, num_probes=6, steps=10, seed=0)
     assert len(calls) == 10 and calls[0] == 6
+
+
+def test_lanczos_past_an_early_stop_and_rsvd_past_p_report_what_they_know() -> None:
+    """k above the Lanczos steps that ran crashed (vectors fewer than values); rsvd returned P < k
+    values while nystrom and gram pad with K's zero eigenvalues (QA repros)."""
+    J = jacobian_with_spectrum(12, 30, torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64))  # rank 3
+    K = nk.NTK.from_jacobian(J)
+    e = sp.top_eigenvalues(K, k=6, method="lanczos", seed=0)
+    assert e.values.shape == (6,) and e.values[:3] == pytest.approx([3.0, 2.0, 1.0], rel=1e-9)
+    assert e.info["steps"] < 6 and all(math.isinf(float(x)) for x in e.errors[e.info["steps"] :])  # unknown, not 0 ± 0
+    thin = nk.NTK.from_jacobian(jacobian_with_spectrum(10, 4, torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64)))
+    r = sp.top_eigenvalues(thin, k=7, method="rsvd", seed=0)
+    assert r.values.shape == (7,) and r.values[:4] == pytest.approx([4.0, 3.0, 2.0, 1.0], rel=1e-9) and (r.values[4:] == 0).all()
+

@@ -85,6 +85,17 @@ def test_encoder_heads_recompose_the_attention_output(encoder):
     )
 
 
+def test_heads_take_a_per_head_attention_mask(encoder):
+    """A (batch·heads, L, S) mask, one of nn.MultiheadAttention's documented shapes, was added to
+    (batch, heads, L, S) scores and rejected (a QA repro)."""
+    x = torch.randn(2, 4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    causal = nn.Transformer.generate_square_subsequent_mask(4, dtype=torch.float64)
+    K2 = transformer_ntk(encoder, {"src": x, "mask": causal}, state="heads", layer=0)
+    K3 = transformer_ntk(encoder, {"src": x, "mask": causal.expand(2 * 2, 4, 4)}, state="heads", layer=0)
+    torch.testing.assert_close(K3.state, K2.state)
+    assert trace(K3, method="exact").value == pytest.approx(trace(K2, method="exact").value, rel=1e-12)
+
+
 def test_decoder_last_position_against_dense():
     torch.manual_seed(3)
     dec = nn.TransformerDecoder(nn.TransformerDecoderLayer(8, 2, 12, dropout=0.0), 1).double().eval()  # sequence-first

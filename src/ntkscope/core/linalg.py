@@ -7,6 +7,12 @@ from collections.abc import Callable
 
 import torch
 
+#: what a non-finite kernel product means, and the ways out
+NONFINITE_PRODUCTS = (
+    "the kernel's products are not finite (nan or inf): an overflow in a float16/bfloat16 model, or a derivative that "
+    "is infinite where the forward is not (e.g. sqrt at 0); a one-sided method (method='vjp') or float32 may avoid it"
+)
+
 
 def nystrom_from_sketch(S: torch.Tensor, Y: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues (descending, clipped at 0) and vectors of the Nyström approximation.
@@ -16,16 +22,22 @@ def nystrom_from_sketch(S: torch.Tensor, Y: torch.Tensor, eps: float) -> tuple[t
     Stable shift: Tropp et al. (2017), Alg. 3.
     """
     S, Y = S.to(torch.float64), Y.to(torch.float64)
+    if not bool(torch.isfinite(Y).all()):  # no shift makes a Cholesky of inf/nan succeed
+        raise FloatingPointError(NONFINITE_PRODUCTS)
     n = S.shape[0]
     nu = max(eps * float(torch.linalg.matrix_norm(Y)) * math.sqrt(n), torch.finfo(torch.float64).tiny)
     Yn = Y + nu * S
     B = S.T @ Yn
     C, info = torch.linalg.cholesky_ex((B + B.T) / 2, upper=True)
-    while int(info) != 0:  # a negative eigenvalue from round-off: grow the shift
+    for _ in range(40):  # a negative eigenvalue from round-off: grow the shift
+        if int(info) == 0:
+            break
         nu *= 10
         Yn = Y + nu * S
         B = S.T @ Yn
         C, info = torch.linalg.cholesky_ex((B + B.T) / 2, upper=True)
+    if int(info) != 0:
+        raise FloatingPointError(f"the Nyström core SᵀKS stays indefinite after a shift of {nu:.3g}: K·S is not a PSD kernel's product")
     F = torch.linalg.solve_triangular(C, Yn, upper=True, left=False)
     U, sig, _ = torch.linalg.svd(F, full_matrices=False)
     return (sig**2 - nu).clamp(min=0), U

@@ -6,10 +6,12 @@ estimation", SIAM J. Matrix Anal. Appl. 2024.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
 
+from ..core.linalg import NONFINITE_PRODUCTS
 from ..core.probes import Probe, ProbeStream
 from .products import colnorm2, diag_prod, gather_columns, require_independent
 
@@ -190,6 +192,8 @@ def _xnys_core(Om: torch.Tensor, Y: torch.Tensor, n: int, dtype: torch.dtype, sp
     # grows tenfold until the Cholesky factorisation succeeds.
     eps = torch.finfo(dtype).eps
     ynorm = float(torch.linalg.matrix_norm(Y))
+    if not math.isfinite(ynorm):
+        raise FloatingPointError(NONFINITE_PRODUCTS)
     if ynorm == 0:  # A Ω = 0: the zero operator (on these probes); every estimate is 0
         return torch.zeros(m, dtype=torch.float64)
     nu = eps * ynorm / n**0.5

@@ -142,14 +142,23 @@ def _choose(
     op = (pilot_ops or ops)[0]
     base = op.base
     c0 = base.counts()
-    pilot = _pilot(op, side, ell, seed, probes)
+    try:
+        pilot = _pilot(op, side, ell, seed, probes)
+    except FloatingPointError as e:  # K's products overflow (or a derivative is infinite): no sketch to read
+        pilot = None
+        failed = str(e)
     c1 = base.counts()
+    if info is not None:
+        info["pilot_passes"] = (c1[0] - c0[0]) + (c1[1] - c0[1])
+    if pilot is None:
+        return onesided[0], onesided[1] + f"; no pilot sketch: {failed}"
     lam = pilot["eigs"]
     ratio = float(lam[-1] / lam[0]) if lam[0] > 0 else 0.0
     if info is not None:
-        info["pilot_passes"] = (c1[0] - c0[0]) + (c1[1] - c0[1])
         info["pilot"] = {"sketch": ell, "side": side, "eig_ratio": ratio, "top_eigs": [float(x) for x in lam[:4]]}
-    return _one_or_two_sided(onesided, lam, ratio, ell, pilot["trace"], quantity, float(torch.finfo(op.dtype).eps))
+    # float32 round-off at least: a float16/bfloat16 sketch is noisier than its own eps suggests
+    eps = float(torch.finfo(op.dtype if op.dtype.itemsize >= 4 else torch.float32).eps)
+    return _one_or_two_sided(onesided, lam, ratio, ell, pilot["trace"], quantity, eps)
 
 
 def _one_or_two_sided(

@@ -28,6 +28,7 @@ import torch
 from ..core import executor
 from ..core.estimate import Estimate
 from ..core.jackknife import combine, dof
+from ..core.linalg import NONFINITE_PRODUCTS
 from ..core.probes import Probe, parse_probe, resolve_seed
 from ..operators.base import FactoredKernel, KernelOperator, as_operator
 from . import adaptive as adapt
@@ -221,7 +222,9 @@ class _Run:
         if k is not None:
             self.last_info["dof"] = k
         if not math.isfinite(value):
-            raise ValueError(f"{self.quantity.name} is not finite ({value}); the kernel may be zero or the estimate degenerate")
+            raise ValueError(
+                f"{self.quantity.name} is not finite ({value}); the kernel may be zero or the estimate degenerate, or {NONFINITE_PRODUCTS}"
+            )
         return value, se, bc
 
     def sample_exact(self) -> tuple[float, float, Any]:

@@ -124,7 +124,9 @@ def _lanczos_top(op: KernelOperator, seed: int, k: int, steps: int) -> tuple[tor
     m = min(k, theta.numel())
     vals = torch.zeros(k, dtype=torch.float64)
     vals[:m] = theta[:m].clamp(min=0)
-    return vals, V @ W[:, :k], int(alpha.numel())
+    vecs = torch.zeros(V.shape[0], k, dtype=V.dtype, device=V.device)
+    vecs[:, :m] = V @ W[:, :m]  # columns past an early stop stay zero (their values unknown: see top_eigenvalues)
+    return vals, vecs, int(alpha.numel())
 
 
 def top_eigenvalues(
@@ -148,7 +150,11 @@ def top_eigenvalues(
     bounds: Halko et al. 2011, Thm. 10.6); ``steps`` Lanczos steps (default ``3k + 20``).
     The default (3 power iterations) is within 0.3 % on the README's digits MLP (1 iteration:
     1.4–4.2 % low).  ``errors`` bounds each value's distance to an eigenvalue of K by its Ritz
-    residual, from ``k`` more K-products (``2k`` AD passes) — reported, not assumed.
+    residual, from ``k`` more K-products (``2k`` AD passes) — reported, not assumed.  Lanczos
+    runs from one start vector, so it finds each *distinct* eigenvalue once: the copies of a
+    repeated eigenvalue are missed (their residual bounds still hold, for the values found), and
+    where it stops early at an invariant subspace the values past its steps are reported as 0
+    with an infinite error; the randomized methods and ``gram`` see multiplicities.
     """
     t0 = time.perf_counter()
     op = as_operator(K)
@@ -185,7 +191,10 @@ def top_eigenvalues(
         else:
             assert isinstance(op, FactoredKernel)
             ev, U = _rsvd(op, base, ell, power_iters, chunk_size)
-        vals, vecs = ev[:k_eff], U[:, :k_eff]
+        vals = torch.zeros(k_eff, dtype=torch.float64)
+        vals[: min(k_eff, ev.numel())] = ev[:k_eff]  # rsvd of a J with P < k: K's other eigenvalues are 0
+        vecs = torch.zeros(U.shape[0], k_eff, dtype=U.dtype, device=U.device)
+        vecs[:, : min(k_eff, U.shape[1])] = U[:, :k_eff]
         info["sketch_size"] = ell
     else:
         vals, vecs, info["steps"] = _lanczos_top(op, base, k_eff, min(n, steps if steps is not None else 3 * k_eff + 20))
@@ -194,6 +203,8 @@ def top_eigenvalues(
     else:  # Ritz residuals ‖K u − λ u‖: each value lies within its residual of an eigenvalue of K
         U = vecs.to(torch.float64)
         errors = torch.linalg.vector_norm(_matmat_chunked(op, U, chunk_size) - U * vals[None, :], dim=0).cpu()
+        if method == "lanczos" and info["steps"] < k_eff:  # stopped at an invariant subspace: no value found past it
+            errors[info["steps"] :] = math.inf
     c1 = op.base.counts()
     jv, vj = c1[0] - c0[0], c1[1] - c0[1]
     # K-products: counted ones, or (rsvd: J and Jᵀ applied separately) half the AD passes
@@ -345,6 +356,8 @@ def entropy_effective_rank(
         [sd.trace_samples(lambda x: x.clamp(min=0)), sd.trace_samples(_xlogx), sd.trace_samples(lambda x: x.clamp(min=0) ** 2)],
         1,
     )
+    if float(samples[:, 0].sum()) <= 0:  # every probe saw tr K = 0: the ratio below is 0/0
+        raise ValueError("the kernel is zero on every probe: the entropy effective rank is undefined")
     parts = [Part.means(samples)]
     value, se, bc = combine(parts, lambda x: torch.exp(torch.log(x[..., 0]) - x[..., 1] / x[..., 0]))
     pr, pr_se, _ = combine(parts, lambda x: x[..., 0] ** 2 / x[..., 2])

@@ -145,6 +145,8 @@ def _mha_heads(mha: nn.MultiheadAttention, args: tuple[Any, ...], kwargs: dict[s
     if call.get("is_causal") and mask is None:
         mask = torch.ones(L, S, dtype=torch.bool, device=q.device).triu(1)
     if mask is not None:
+        if mask.dim() == 3:  # (B·H, L, S), nn.MultiheadAttention's per-head layout
+            mask = mask.reshape(B, H, L, S)
         scores = scores.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     kpm = call.get("key_padding_mask")
     if kpm is not None:
@@ -221,7 +223,9 @@ def transformer_ntk(
             ``attention_mask``, …).
         state: ``"output"`` — the model's main output (``logits`` of an LM head: axes
             ``batch, time, vocab``; ``last_hidden_state`` or a plain tensor: ``batch, time,
-            hidden``); ``"hidden"`` — the output of block ``layer``; ``"heads"`` — the per-head
+            hidden``); ``"hidden"`` — the output of block ``layer`` as the block returns it (for
+            ``layer=-1`` on GPT-2/Llama-style models this is before the final LayerNorm, unlike
+            Hugging Face's ``hidden_states[-1]``; ``state="output"`` includes it); ``"heads"`` — the per-head
             attention outputs of block ``layer`` (``batch, time, head, hidden``); or a callable
             ``out -> Tensor`` applied to the model's return value (then give ``axes``).
         layer: the block index for ``"hidden"``/``"heads"`` (negative counts from the end).
