@@ -53,8 +53,8 @@ def test_training_png(tmp_path: Path) -> None:
         }
         for s in range(0, 30, 5)
     ]
-    fig = plot.training(rows, path=tmp_path / "r.png")
+    fig = plot.training(rows, path=tmp_path / "new" / "dir" / "r.png")  # made, as `track --out` makes its own
     assert len([a for a in fig.axes if a.get_visible()]) == 3
-    _png(tmp_path / "r.png")
+    _png(tmp_path / "new" / "dir" / "r.png")
     with pytest.raises(ValueError, match="not in the rows"):
         plot.training(rows, ["trace"])

@@ -619,3 +619,25 @@ def test_non_finite_products_raise_or_are_avoided_instead_of_hanging() -> None:
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("RAISED True") == 2 and "AUTO vjp True" in r.stdout, r.stdout
+
+
+def test_a_ddp_wrapped_model_with_buffers_is_analysed_and_monitored() -> None:
+    r = _python(
+        """
+        import os, tempfile, torch, torch.distributed as dist, ntkscope as nk
+        fd, fn = tempfile.mkstemp(); os.close(fd)
+        dist.init_process_group("gloo", init_method=f"file://{fn}", rank=0, world_size=1)
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        X = torch.randn(6, 4)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        ref = nk.trace(nk.NTK(model, X), method="exact").value
+        got = nk.trace(nk.NTK(ddp, X), method="exact").value
+        rec = nk.Monitor(ddp, X, every=1, num_probes=8, loggers=()).step(0)
+        print("SAME", abs(got - ref) <= 1e-5 * ref, "MONITOR", rec is not None)
+        dist.destroy_process_group()
+        """,
+        timeout=90,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "SAME True MONITOR True" in r.stdout, r.stdout + r.stderr

@@ -564,3 +564,33 @@ def test_a_failed_call_does_not_disable_the_kernel() -> None:
     for method in ("vjp", "jvp"):
         assert nk.trace(K, method=method, num_probes=64, seed=0).value == pytest.approx(exact, rel=0.5)
     assert K.modes() == {"jvp": True, "vjp": True}
+
+
+def test_data_parallel_wrappers_are_analysed_through_their_module() -> None:
+    """DataParallel refuses the stateless API and DDP syncs buffers in place during forward: both
+    failed with errors that named neither (a QA repro); their kernel is the wrapped module's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    dp = nn.DataParallel(model)
+    ref = nk.trace(nk.NTK(model, x), method="exact").value
+    assert nk.trace(nk.NTK(dp, x), method="exact").value == pytest.approx(ref, rel=1e-12)
+    sub = nk.NTK(dp, x, params=["module.3.weight", "module.3.bias"])  # the wrapper's own names
+    assert sub.param_names == ["3.weight", "3.bias"]
+
+
+def test_spectral_norm_in_training_mode_is_refused_and_its_vectors_stay() -> None:
+    """Accepted when its power iteration had nearly converged, it then moved the user's _u on every
+    pass and gave a different exact trace per call (a QA repro)."""
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    spectral_norm(model[0])
+    x = torch.randn(5, 4, dtype=torch.float64)
+    u = model[0].parametrizations.weight[0]._u.clone()
+    with pytest.raises(ValueError, match="spectral_norm in training mode"):
+        nk.NTK(model, x)
+    assert torch.equal(model[0].parametrizations.weight[0]._u, u)
+    K = nk.NTK(model.eval(), x)
+    assert nk.trace(K, method="exact").value == nk.trace(K, method="exact").value

@@ -47,6 +47,7 @@ LABELS = {
 
 def _save(fig: Figure, path: str | Path | None) -> Figure:
     if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)  # as `track --out` does for its CSV
         fig.savefig(path, dpi=110)  # Figure.savefig uses the Agg canvas: no GUI backend involved
     return fig
 

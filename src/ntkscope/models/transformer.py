@@ -50,7 +50,7 @@ from torch.func import functional_call
 
 from ..core.callers import user_stacklevel
 from ..core.memory import available_bytes
-from ..operators.modules import analysis_module, saved_activations, select_params, split_inputs, tensors
+from ..operators.modules import analysis_module, saved_activations, select_params, split_inputs, tensors, unwrap_parallel
 from ..operators.ntk import NTK
 from ..operators.rules import math_attention
 from .axes import BATCH, HEAD, HIDDEN, TIME, VOCAB, Index, canonical_axis, select_axes
@@ -248,6 +248,7 @@ def transformer_ntk(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if capture not in ("output", "input"):
         raise ValueError(f"capture must be 'output' or 'input', got {capture!r}")
+    model, params = unwrap_parallel(model, params)
     clone = analysis_module(model, eval_mode=True)
     names, primals, _ = select_params(clone, params)
     chosen = dict(zip(names, primals))

@@ -87,6 +87,30 @@ def detached(inputs: Any) -> Any:
     return tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, inputs)
 
 
+def unwrap_parallel(model: nn.Module, *named: Any) -> tuple[Any, ...]:
+    """``model``'s ``.module`` when it is a ``DistributedDataParallel`` or ``DataParallel``
+    wrapper, with the ``module.`` prefix taken off the names in ``named`` (dicts keyed by
+    parameter or buffer name, or iterables of names; ``None`` and tensors pass through).
+
+    The wrappers only move data and gradients between processes or devices: their kernel is the
+    wrapped module's, and their forward cannot be analysed (DDP synchronises buffers in place, a
+    write torch.func refuses; DataParallel refuses the stateless API)."""
+    if not isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return (model, *named)
+
+    def strip(n: Any) -> Any:
+        return n[len("module.") :] if isinstance(n, str) and n.startswith("module.") else n
+
+    out: list[Any] = []
+    for obj in named:
+        if isinstance(obj, Mapping):
+            obj = {strip(k): v for k, v in obj.items()}
+        elif obj is not None and not isinstance(obj, torch.Tensor) and not isinstance(obj, str):
+            obj = [strip(x) for x in obj]
+        out.append(obj)
+    return (model.module, *out)
+
+
 def analysis_module(model: nn.Module, *, eval_mode: bool = False) -> nn.Module:
     """The module an analysis runs instead of ``model``: a shallow copy (:func:`~ntkscope.operators.rules.shared_copy`)
     that shares every parameter and buffer tensor (no memory) and only rebinds attributes.
@@ -111,7 +135,10 @@ def analysis_module(model: nn.Module, *, eval_mode: bool = False) -> nn.Module:
     try:
         clone = shared_copy(model)
     except Exception as e:  # a module holding something that cannot be copied
-        raise TypeError(f"cannot make an analysis copy of {type(model).__name__} ({e})") from e
+        hint = ""
+        if "deepcopy protocol" in str(e):  # a computed (non-leaf) tensor stored on a module
+            hint = "; old-style torch.nn.utils.weight_norm stores one: use torch.nn.utils.parametrizations.weight_norm"
+        raise TypeError(f"cannot make an analysis copy of {type(model).__name__} ({e}){hint}") from e
     if eval_mode:
         return clone.eval()
     for m in clone.modules():
@@ -138,6 +165,13 @@ def check_no_dropout(model: nn.Module) -> None:
     for name, m in model.named_modules():
         if isinstance(m, (nn.RNNBase,)) and m.training and m.dropout > 0 and m.num_layers > 1:
             raise ValueError(f"{name or type(model).__name__}: recurrent dropout is active; call model.eval() first")
+        # parametrizations.spectral_norm runs a power-iteration step in every training-mode forward,
+        # writing its vectors in place: two passes see different weights (and the user's buffers move)
+        if type(m).__name__ == "_SpectralNorm" and m.training:
+            raise ValueError(
+                f"{name}: spectral_norm in training mode updates its power-iteration vectors on every forward, so the "
+                "map is not fixed and its NTK is not defined: call model.eval() first"
+            )
 
 
 def split_inputs(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:

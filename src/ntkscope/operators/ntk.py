@@ -33,6 +33,7 @@ from .modules import (
     select_params,
     split_inputs,
     tensors,
+    unwrap_parallel,
 )
 
 __all__ = ["NTK"]
@@ -103,6 +104,7 @@ class NTK(FactoredKernel):
                 f"{type(model).__name__} is a torch.jit module, which torch.func cannot differentiate per parameter: "
                 "pass the original nn.Module"
             )
+        model, params, buffers = unwrap_parallel(model, params, buffers)
         check_no_dropout(model)
         self.model = model
         self.inputs = inputs = detached(inputs)
