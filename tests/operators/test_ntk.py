@@ -594,3 +594,16 @@ def test_spectral_norm_in_training_mode_is_refused_and_its_vectors_stay() -> Non
     assert torch.equal(model[0].parametrizations.weight[0]._u, u)
     K = nk.NTK(model.eval(), x)
     assert nk.trace(K, method="exact").value == nk.trace(K, method="exact").value
+
+
+def test_complex_parameters_are_refused_with_the_way_out() -> None:
+    class Spectral(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(5, dtype=torch.complex128))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.fft.irfft(torch.fft.rfft(x) * self.w, n=x.shape[-1])
+
+    with pytest.raises(TypeError, match=r"complex parameters \['w'\] are not supported.*view_as_complex"):  # was "mixed dtypes"
+        nk.NTK(Spectral(), torch.randn(3, 8, dtype=torch.float64))

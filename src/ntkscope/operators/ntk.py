@@ -223,6 +223,12 @@ class NTK(FactoredKernel):
         if num_params == 0:
             raise ValueError("no trainable parameters: every selected parameter is empty")
         dtypes = {p.dtype for p in self.primals}
+        complex_ = [n for n, p in zip(self.param_names, self.primals) if p.is_complex()] if hasattr(self, "param_names") else []
+        if complex_ or any(d.is_complex for d in dtypes):
+            raise TypeError(
+                f"complex parameters {complex_[:4]} are not supported: the NTK is over real parameters (store them as real "
+                "tensors, e.g. torch.view_as_complex(self.w) in forward with w of shape (..., 2)); complex intermediates are fine"
+            )
         if len(dtypes) > 1:
             raise ValueError(f"parameters have mixed dtypes {sorted(map(str, dtypes))}; cast the model to one dtype")
         check_finite_inputs(self.inputs)
