@@ -641,3 +641,23 @@ def test_a_ddp_wrapped_model_with_buffers_is_analysed_and_monitored() -> None:
     )
     assert r.returncode == 0, r.stderr
     assert "SAME True MONITOR True" in r.stdout, r.stdout + r.stderr
+
+
+def test_exact_norms_and_sketching_methods_refuse_what_memory_cannot_hold() -> None:
+    """method='exact' for a norm formed a D × P Jacobian past the library's own 2e8-number limit
+    (3.5 GB here; at D = 20,000 it ran for minutes), and Hutch++/XTrace stored any number of
+    D-vectors, while the one-sided methods refused (QA repros).  Nothing is computed here."""
+    torch.manual_seed(0)
+    wide = nk.NTK(torch.nn.Linear(1000, 500), torch.randn(1, 1000))  # D = 500, P = 500,500
+    with pytest.raises(ValueError, match=r"would store a 500×500500 Jacobian .* the exact trace stores nothing"):
+        nk.frobenius_norm(wide, method="exact")
+    long = nk.NTK(torch.nn.Linear(1000, 500), torch.randn(400, 1000))  # D = 200,000
+    for method in ("hutchpp", "xtrace"):
+        with pytest.raises(ValueError, match=r"num_probes=60000 exceeds the memory limit of 250 probes"):
+            nk.trace(long, method=method, num_probes=60000, seed=0)
+
+
+def test_from_jacobian_names_what_it_needs() -> None:
+    for J, error in ((torch.zeros(0, 3), ValueError), (torch.zeros(3, 0), ValueError), ("x", TypeError), ([[1.0]], TypeError)):
+        with pytest.raises(error, match="a Jacobian must be a"):  # were torch.cat's and AttributeError's messages
+            nk.NTK.from_jacobian(J)  # type: ignore[arg-type]

@@ -38,7 +38,7 @@ from ..core.jackknife import Part
 from ..core.probes import Probe, ProbeStream, Stream
 from ..estimators import exact as ex
 from ..operators.base import FactoredKernel, KernelOperator, ParameterKernel, smaller_kernel
-from .methods import Method
+from .methods import EXACT_MAX_ENTRIES, Method
 
 __all__ = ["RunContext", "Sampler", "SAMPLERS", "Quantity", "QUANTITIES", "target_alignment_quantity", "measure"]
 
@@ -121,11 +121,23 @@ def target_alignment_quantity(ynorm2: float) -> Quantity:
 # -- exact ----------------------------------------------------------------------------------------
 
 
+def exact_storable(op: KernelOperator) -> bool:
+    """Whether the exact path of a norm or ratio may store ``op``'s Jacobian (D × P numbers, at
+    most :data:`~ntkscope.metrics.methods.EXACT_MAX_ENTRIES`)."""
+    return not isinstance(op, FactoredKernel) or op.dim * op.num_params <= EXACT_MAX_ENTRIES
+
+
 def _exact_values(ops: Sequence[KernelOperator], names: Sequence[str], y: torch.Tensor | None, side: str | None = None) -> list[float]:
     """Exact components, each NTK's Jacobian formed once (by ``side``'s basis; default the smaller
     side) when more than the trace is wanted, so ``tr`` and ``sq`` together cost ``min(D, P)``."""
     a, b = ops[0], ops[-1]
-    if any(n not in ("tr", "quad") for n in names) and isinstance(a, FactoredKernel) and isinstance(b, FactoredKernel):
+    if _stores_jacobian(names) and isinstance(a, FactoredKernel) and isinstance(b, FactoredKernel):
+        for o in {id(o): o for o in ops}.values():
+            if isinstance(o, FactoredKernel) and not exact_storable(o):
+                raise ValueError(
+                    f"the exact value would store a {o.dim}×{o.num_params} Jacobian ({o.dim * o.num_params:.3g} numbers, over "
+                    f"the {EXACT_MAX_ENTRIES:.0e} limit): use a sampled method (e.g. method='vjp'); the exact trace stores nothing"
+                )
         grams = _exact_from_gram_rows(a, b, side)
         if grams is not None:  # the D × D kernels from shorter rows than J's (ghost norms)
             Ka, Kb = grams
@@ -202,19 +214,25 @@ def _sample_hutchinson(ops: Sequence[KernelOperator], names: tuple[str, ...], ct
     orig = list(ops)
     ops = _smaller(ops, ctx)
     a = ops[0]
-    if len(ops) == 1 and _budget_covers_exact(a, ctx, ctx.m):  # as Hutch++ and XTrace
+    if len(ops) == 1 and _budget_covers_exact(a, ctx, ctx.m, stores=_stores_jacobian(names)):  # as Hutch++ and XTrace
         return [Part.exact(*_exact_values(orig, names, ctx.targets))]
     g = est.hutchinson_grams(ops, ctx.stream(a.dim, a.dtype, a.device), ctx.m, ctx.chunk)
     return [Part.means(_entries(g, names))]
 
 
-def _budget_covers_exact(op: KernelOperator, ctx: RunContext, products: int, *, limit: bool = False) -> bool:
+def _stores_jacobian(names: Sequence[str]) -> bool:
+    """Whether the exact value of these components forms the Jacobian (anything but the trace)."""
+    return any(n not in ("tr", "quad") for n in names)
+
+
+def _budget_covers_exact(op: KernelOperator, ctx: RunContext, products: int, *, limit: bool = False, stores: bool = False) -> bool:
     """Whether ``products`` products with ``op`` cost at least its exact value (``op.dim`` =
     min(D, P) one-sided passes, or ``dim`` products); if so, says so in ``info["variants"]``.
-    Only for fixed budgets, unless the method cannot sample there at all (``limit``: XTrace)."""
+    Only for fixed budgets, unless the method cannot sample there at all (``limit``: XTrace),
+    and where the exact value ``stores`` the Jacobian, only where it may (:func:`exact_storable`)."""
     per = 2 if isinstance(op, (FactoredKernel, ParameterKernel)) else 1  # AD passes per product
     cost = per * products
-    if cost < op.dim or not (ctx.fixed or limit):
+    if cost < op.dim or not (ctx.fixed or limit) or (stores and not exact_storable(op)):
         return False
     unit = "AD passes" if per == 2 else "products"
     ctx.info.setdefault("variants", []).append(f"exact (the budget, {cost} {unit}, covers the exact cost of {op.dim})")
@@ -225,7 +243,7 @@ def _sample_hutchpp(ops: Sequence[KernelOperator], names: tuple[str, ...], ctx: 
     orig = list(ops)
     ops = _smaller(ops, ctx)
     a = ops[0]
-    if len(ops) == 1 and _budget_covers_exact(a, ctx, ctx.m):  # as XTrace
+    if len(ops) == 1 and _budget_covers_exact(a, ctx, ctx.m, stores=_stores_jacobian(names)):  # as XTrace
         return [Part.exact(*_exact_values(orig, names, ctx.targets))]
     r = est.hutchpp_grams(ops, ctx.stream(a.dim, a.dtype, a.device), ctx.m, ctx.chunk)
     ctx.info["sketch_size"] = r.sketch_size
@@ -250,7 +268,7 @@ def _xtrace_part(
     (0.2–0.6 near the dimension); the jackknife of the whole estimator is what is reported.
     """
     order = 2 if matmat is not None else max(powers)
-    if _budget_covers_exact(op, ctx, ctx.m * order, limit=True):  # it cannot sample near its dimension
+    if _budget_covers_exact(op, ctx, ctx.m * order, limit=True, stores=True):  # it cannot sample near its dimension
         return Part.exact(*exact())
     stream = ctx.stream(op.dim, op.dtype, op.device, stream_id, default=Probe.SPHERE)
     chunk = ctx.chunk or op.chunk_size

@@ -84,6 +84,8 @@ def _stored_probe_limit(meth: Method, ops: Sequence[KernelOperator], quantity: Q
     """Most probes whose one-sided products (m × out, or their shorter Gram rows: ghosted
     layers, :meth:`FactoredKernel.gram_width`) fit MAX_STORED_ENTRIES (the m × m probe
     Gram is only ever held in row blocks, :data:`~ntkscope.metrics.components.GRAM_BLOCK_ENTRIES`)."""
+    if meth in (Method.HUTCHPP, Method.XTRACE):  # their sketches and products: m vectors in R^D, for any quantity
+        return max(3, MAX_STORED_ENTRIES // max(ops[0].dim, 1))
     if quantity.trace_only or meth not in (Method.VJP, Method.JVP):
         return None
     return max(2, MAX_STORED_ENTRIES // max(_stored_width(meth, ops), 1))
@@ -95,9 +97,10 @@ def _stored_width(meth: Method, ops: Sequence[KernelOperator]) -> int:
 
 def _max_probes(meth: Method, ops: Sequence[KernelOperator], quantity: Quantity) -> int | None:
     """The most probes a tolerance loop may grow to (dimension limits; stored one-sided products)."""
+    limit = _stored_probe_limit(meth, ops, quantity)
     if meth is Method.XTRACE:
-        return ops[0].dim - 1
-    return _stored_probe_limit(meth, ops, quantity)
+        return ops[0].dim - 1 if limit is None else min(ops[0].dim - 1, limit)
+    return limit
 
 
 def _kernels(kernels: Sequence[Any], meth: Method) -> list[KernelOperator]:
@@ -171,8 +174,11 @@ class _Run:
         limit = _stored_probe_limit(self.method, self.ops, self.quantity)
         if not self.opts.adaptive and limit is not None and self.m > limit:
             what, full = ("P", "num_params") if self.method is Method.VJP else ("D", "dim")
-            width = _stored_width(self.method, self.ops)
-            plain = width == max(getattr(o, full) for o in self.ops if isinstance(o, FactoredKernel))
+            if self.method in ONE_SIDED:
+                width = _stored_width(self.method, self.ops)
+                plain = width == max(getattr(o, full) for o in self.ops if isinstance(o, FactoredKernel))
+            else:  # Hutch++'s and XTrace's sketches
+                width, plain = self.ops[0].dim, True
             stored = f"m × {what} numbers" if plain else f"m × {width:,} numbers, after ghost norms"
             raise ValueError(
                 f"{name} with method={self.method.value!r} keeps every probe's product ({stored}): "

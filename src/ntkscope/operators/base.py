@@ -266,8 +266,10 @@ def as_operator(K: Any, dim: int | None = None) -> KernelOperator:
 
 class _DenseFactor(FactoredKernel):
     def __init__(self, J: torch.Tensor) -> None:
-        if J.dim() != 2:
-            raise ValueError(f"a Jacobian must be a matrix (D, P), got shape {tuple(J.shape)}")
+        if not isinstance(J, torch.Tensor):
+            raise TypeError(f"a Jacobian must be a torch.Tensor (D, P), got {type(J).__name__}")
+        if J.dim() != 2 or J.numel() == 0:
+            raise ValueError(f"a Jacobian must be a non-empty matrix (D, P), got shape {tuple(J.shape)}")
         if not J.is_floating_point():
             J = J.to(torch.get_default_dtype())
         super().__init__(J.shape[0], J.dtype, J.device)
