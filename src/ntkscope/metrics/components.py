@@ -122,9 +122,9 @@ def target_alignment_quantity(ynorm2: float) -> Quantity:
 
 
 def exact_storable(op: KernelOperator) -> bool:
-    """Whether the exact path of a norm or ratio may store ``op``'s Jacobian (D × P numbers, at
-    most :data:`~ntkscope.metrics.methods.EXACT_MAX_ENTRIES`)."""
-    return not isinstance(op, FactoredKernel) or op.dim * op.num_params <= EXACT_MAX_ENTRIES
+    """Whether the exact path of a norm or ratio may store ``op``'s Jacobian (D × P numbers), or
+    for a kernel without a factor K itself (D × D): at most :data:`~ntkscope.metrics.methods.EXACT_MAX_ENTRIES`."""
+    return op.dim * (op.num_params if isinstance(op, FactoredKernel) else op.dim) <= EXACT_MAX_ENTRIES
 
 
 def _exact_values(ops: Sequence[KernelOperator], names: Sequence[str], y: torch.Tensor | None, side: str | None = None) -> list[float]:

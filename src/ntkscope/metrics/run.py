@@ -33,8 +33,8 @@ from ..core.probes import Probe, parse_probe, resolve_seed
 from ..operators.base import FactoredKernel, KernelOperator, as_operator
 from . import adaptive as adapt
 from . import auto
-from .components import CHEAP_EXACT, SAMPLERS, Quantity, RunContext, measure
-from .methods import DEFAULT_PROBES, EXACT_MAX_ENTRIES, ONE_SIDED, Method, parse_method
+from .components import CHEAP_EXACT, SAMPLERS, Quantity, RunContext, exact_storable, measure
+from .methods import DEFAULT_PROBES, ONE_SIDED, Method, parse_method
 
 __all__ = ["MetricOptions", "estimate", "BUDGET_FACTOR", "BUDGET_FLOOR", "MAX_STORED_ENTRIES"]
 
@@ -163,10 +163,9 @@ class _Run:
         return sum(min(o.dim, o.num_params) if isinstance(o, FactoredKernel) else o.dim for o in self.distinct)
 
     def exact_fits(self) -> bool:
-        """Whether the exact value's storage (J, or K) stays under :data:`EXACT_MAX_ENTRIES`."""
-        return self.quantity.trace_only or all(
-            o.dim * (o.num_params if isinstance(o, FactoredKernel) else o.dim) <= EXACT_MAX_ENTRIES for o in self.distinct
-        )
+        """Whether the exact value's storage (J, or K) stays under
+        :data:`~ntkscope.metrics.methods.EXACT_MAX_ENTRIES` (:func:`~ntkscope.metrics.components.exact_storable`)."""
+        return self.quantity.trace_only or all(exact_storable(o) for o in self.distinct)
 
     def check_budget(self) -> None:
         name = self.quantity.name

@@ -269,14 +269,9 @@ class Evaluator:
             except Exception as e:  # try the next path
                 if is_randomness_error(e):
                     raise random_model_error() from e
-                if isinstance(e, ForwardModeMismatch) and not self.forced[mode]:
-                    order = [q for q in order if q.double_vjp]
-                    errors.append(f"{p.name}: {e}")
-                    if not order:
-                        self.broken[mode] = RuntimeError("; ".join(errors))
-                        raise RuntimeError(no_path_message(mode, errors)) from e
-                    continue
-                if p.rules:
+                if isinstance(e, ForwardModeMismatch):  # no forward-mode path will do: only the double VJP
+                    order = [p, *(q for q in order if q.double_vjp)]
+                elif p.rules:
                     self.rules_ok[mode] = False
                 errors.append(f"{p.name}: {type(e).__name__}: {e}")
                 if self.forced[mode] or len(order) == 1:

@@ -223,8 +223,8 @@ class NTK(FactoredKernel):
         if num_params == 0:
             raise ValueError("no trainable parameters: every selected parameter is empty")
         dtypes = {p.dtype for p in self.primals}
-        complex_ = [n for n, p in zip(self.param_names, self.primals) if p.is_complex()] if hasattr(self, "param_names") else []
-        if complex_ or any(d.is_complex for d in dtypes):
+        complex_ = [n for n, p in zip(self.param_names, self.primals) if p.is_complex()]
+        if complex_:
             raise TypeError(
                 f"complex parameters {complex_[:4]} are not supported: the NTK is over real parameters (store them as real "
                 "tensors, e.g. torch.view_as_complex(self.w) in forward with w of shape (..., 2)); complex intermediates are fine"
