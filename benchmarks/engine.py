@@ -162,6 +162,8 @@ def time_pair(fa: Callable[[], Any], fb: Callable[[], Any], repeats: int) -> tup
 def _flops(K: nk.NTK, side: str, m: int) -> int:
     n = K.dim if side == "vjp" else K.num_params
     X = torch.ones(n, m, dtype=K.dtype, device=K.device)
+    if side == "vjp" and K.trace_blocks() is not None:  # the per-example samples' passes
+        return count_flops(lambda: K.block_sqnorms(X))
     return count_flops(lambda: K.sqnorms(side, X))
 
 
@@ -207,31 +209,48 @@ def run(quick: bool, probes: list[int], repeats: int, device: str = "cpu", dtype
                     repeats,
                 )
                 peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
+                blocks = K.trace_blocks() if side == "vjp" else None
                 if nk.trace(K, method=side, num_probes=m, seed=0).exact:  # the budget covers the side's exact cost
-                    n = K.dim if side == "vjp" else K.num_params
-                    note = (note + "; " if note else "") + f"exact: {m} probes ≥ {'D' if side == 'vjp' else 'P'} = {n}, so {n} passes"
+                    if blocks is not None:
+                        n = blocks
+                        note = (note + "; " if note else "") + f"exact over {K.dim // n} per-example blocks: {m} probes ≥ R = {n}, so {n} passes"
+                    else:
+                        n = K.dim if side == "vjp" else K.num_params
+                        note = (note + "; " if note else "") + f"exact: {m} probes ≥ {'D' if side == 'vjp' else 'P'} = {n}, so {n} passes"
                     limit = _flops(K, side, n) / (gemm * 1e9)
                 else:
                     limit = _flops(K, side, m) / (gemm * 1e9)
-                floor = product_floor(lambda: (nk.trace(K, method=side, num_probes=m, seed=0), _sync(dev)))
-                floor_bare = product_floor(lambda: (bare_trace(model, inputs, side, m, switch=switch), _sync(dev)))
-                rows.append(
-                    {
-                        "model": name, "side": side, "m": m, "D": K.dim, "P": K.num_params, "path": K.paths.get("vjp-norms", K.paths[side]) if side == "vjp" else K.paths[side], "rules": K.rules,
-                        "chunk": K.chunk_size, "ours_s": t_ours, "bare_s": t_bare, "ratio_bare": t_ours / t_bare,
-                        "limit_s": limit, "ratio_limit": t_ours / limit if limit > 0 else None, "note": note, "peak_bytes": peak,
-                        "products_s": floor, "bare_products_s": floor_bare,
-                    }
-                )
-                r = rows[-1]
-                print(f"{name:44s} {side} m={m:4d} ours {t_ours:.3f}s bare {t_bare:.3f}s ratio {r['ratio_bare']:.2f} "
-                      f"limit×{r['ratio_limit'] or float('nan'):.1f} products ours {floor:.3f}s bare {floor_bare:.3f}s [{r['path']}] {note}",
-                      flush=True)
+                row = {"model": name, "side": side, "m": m, "D": K.dim, "P": K.num_params, "rules": K.rules, "chunk": K.chunk_size, "peak_bytes": peak}
+                _add_row(rows, row, t_ours, t_bare, limit, note, K, lambda: nk.trace(K, method=side, num_probes=m, seed=0), model, inputs, switch, dev)
+                if blocks is not None and m >= blocks:  # the per-example samples too, exact switched off (a pass budget: no exact switch)
+                    t_s, t_b = time_pair(
+                        lambda: (nk.trace(K, method=side, num_probes=m, seed=0, max_passes=m), _sync(dev)),
+                        lambda: (bare_trace(model, inputs, side, m, switch=switch), _sync(dev)),
+                        repeats,
+                    )
+                    _add_row(rows, {**row, "model": name + ", per-example samples"}, t_s, t_b, _flops(K, side, m) / (gemm * 1e9),
+                             "exact off (max_passes=m): samples Σ_b ‖J_bᵀv_b‖²", K,
+                             lambda: nk.trace(K, method=side, num_probes=m, seed=0, max_passes=m), model, inputs, switch, dev)
     return {
         "rows": rows, "gemm_gflops": gemm, "threads": torch.get_num_threads(), "torch": torch.__version__,
         "machine": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
         "device": str(dev), "dtype": str(dtype), "repeats": repeats, "quick": quick,
     }
+
+
+def _add_row(rows: list[dict[str, Any]], row: dict[str, Any], t_ours: float, t_bare: float, limit: float, note: str, K: nk.NTK,
+             ours: Callable[[], Any], model: nn.Module, inputs: Any, switch: Callable[[], Any] | None, dev: torch.device) -> None:
+    side, m = row["side"], row["m"]
+    floor = product_floor(lambda: (ours(), _sync(dev)))
+    floor_bare = product_floor(lambda: (bare_trace(model, inputs, side, m, switch=switch), _sync(dev)))
+    path = (K.paths.get("vjp-trace") or K.paths.get("vjp-norms") or K.paths[side]) if side == "vjp" else K.paths[side]
+    rows.append({
+        **row, "path": path, "ours_s": t_ours, "bare_s": t_bare, "ratio_bare": t_ours / t_bare, "limit_s": limit,
+        "ratio_limit": t_ours / limit if limit > 0 else None, "note": note, "products_s": floor, "bare_products_s": floor_bare,
+    })
+    r = rows[-1]
+    print(f"{r['model']:44s} {side} m={m:4d} ours {t_ours:.3f}s bare {t_bare:.3f}s ratio {r['ratio_bare']:.2f} "
+          f"limit×{r['ratio_limit'] or float('nan'):.1f} products ours {floor:.3f}s bare {floor_bare:.3f}s [{path}] {note}", flush=True)
 
 
 def markdown(res: dict[str, Any]) -> str:

@@ -86,9 +86,11 @@ def sampled_budget(K: Any, method: str, want: int, quantity: str = "trace") -> i
     """The largest budget ``≤ want`` at which ``method`` still samples on the NTK ``K``: from the
     exact cost on (one-sided: ``D`` VJP or ``P`` JVP passes; two-sided: ``min(D, P)`` passes at
     two per product, XTrace's ``‖K‖²`` two products per probe) the exact value runs instead, and a
-    statistical test there could not fail."""
+    statistical test there could not fail.  A VJP trace over per-example blocks is exact from
+    ``R = D / G`` passes (``K.trace_blocks()``)."""
     if method in ("vjp", "vjp_proj"):
-        cap = K.dim - 1
+        blocks = K.trace_blocks() if method == "vjp" and quantity == "trace" else None
+        cap = K.dim - 1 if blocks is None else blocks - 1
     elif method in ("jvp", "jvp_proj"):
         cap = K.num_params - 1
     else:

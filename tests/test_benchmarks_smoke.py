@@ -72,13 +72,19 @@ def test_engine_table_smoke(tmp_path: Path) -> None:
     import subprocess
 
     r = subprocess.run(
-        [sys.executable, str(BENCH / "engine.py"), "--quick", "--only", "paper GRU,LSTM", "--out", str(tmp_path)],
+        [sys.executable, str(BENCH / "engine.py"), "--quick", "--only", "paper GRU,LSTM,paper MLP", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=600,
     )
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads((tmp_path / "engine_quick.json").read_text())["rows"]
-    assert {row["model"] for row in rows} == {"paper GRU, wrapped", "LSTM, wrapped"}
-    assert all(row["path"].endswith("+rules") and row["ours_s"] > 0 and row["bare_s"] > 0 for row in rows)
+    mlp = "paper MLP (15×Linear 64, Sequential)"
+    assert {row["model"] for row in rows} == {"paper GRU, wrapped", "LSTM, wrapped", mlp, mlp + ", per-example samples"}
+    rnn = [row for row in rows if "MLP" not in row["model"]]
+    assert all(row["path"].endswith("+rules") and row["ours_s"] > 0 and row["bare_s"] > 0 for row in rnn)
+    # the quick MLP (10 examples × 16 outputs): exact over its blocks in 16 VJP passes at 24 probes, samples below
+    blocks = {(row["model"], row["m"]): row for row in rows if row["side"] == "vjp" and "MLP" in row["model"]}
+    assert blocks[(mlp, 24)]["note"].startswith("exact over 10 per-example blocks") and not blocks[(mlp, 8)]["note"]
+    assert blocks[(mlp, 24)]["path"].startswith("per-example blocks") and (mlp + ", per-example samples", 24) in blocks
     assert "ours ÷ bare" in (tmp_path / "engine_quick.md").read_text()
     assert all(row["products_s"] > 0 and row["bare_products_s"] > 0 for row in rows)  # the replayed matrix products
 

@@ -20,12 +20,13 @@ if distributed.is_initialized():
     Ks = distributed.ShardedNTK(model, X.chunk(world)[rank])
 else:
     Ks = K  # one process: the shard is everything
-t = nk.trace(Ks, method="vjp", num_probes=256, seed=0)
+t = nk.trace(Ks, method="vjp", num_probes=256, seed=0)  # exact: 256 probes cover the 10 per-example outputs
 job = distributed.job_passes(t)  # collective: passes summed over ranks
 
 if distributed.is_main_process():
     print(f"world size {world}")
     print(f"probe-parallel  effective rank = {e.value:.6f} ± {e.stderr:.4f}  ({e.vjp_passes} VJP passes in all, {e.info.get('rank_passes', {'vjp': e.vjp_passes})['vjp']} on rank 0)")
-    print(f"data-parallel   trace = {t.value:.4f} ± {t.stderr:.3f}  ({job['vjp_passes']} VJP passes over the job)")
+    error = "exact, over per-example blocks" if t.exact else f"± {t.stderr:.3f}"
+    print(f"data-parallel   trace = {t.value:.4f} {error}  ({job['vjp_passes']} VJP passes over the job)")
 
 distributed.shutdown()  # wait for every rank, then end the job (a rank exiting while a peer still sends makes gloo abort)

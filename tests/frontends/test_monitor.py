@@ -102,12 +102,13 @@ def test_rows_agree_with_the_api_and_exact_kernel() -> None:
         model[0].weight.mul_(3.0)
     moved = mon.step(2)
     assert moved is not None and moved["kernel_alignment"] < 0.999  # K_0 was snapshotted at construction
-    # randomized rows carry standard errors, and equal the API's numbers for seed + step
-    mon2 = nk.Monitor(model, Xp, targets=yp, loggers=(), method="vjp", num_probes=16, seed=3, every=2)
+    # randomized rows carry standard errors, and equal the API's numbers for seed + step (2 probes:
+    # from 3, the 3 outputs per example, the VJP trace is exact over its per-example blocks)
+    mon2 = nk.Monitor(model, Xp, targets=yp, loggers=(), method="vjp", num_probes=2, seed=3, every=2)
     r = mon2.step(4)
     assert r is not None and r["trace_stderr"] > 0
     with nk.monitor.isolated(model):
-        assert r["trace"] == nk.trace(nk.NTK(model, Xp), method="vjp", num_probes=16, seed=7).value
+        assert r["trace"] == nk.trace(nk.NTK(model, Xp), method="vjp", num_probes=2, seed=7).value
 
 
 def test_k0_keeps_the_buffers_of_initialisation() -> None:

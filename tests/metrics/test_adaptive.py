@@ -137,7 +137,8 @@ def test_max_passes_below_the_exact_cost_is_kept_by_auto_and_refused_by_exact() 
     """auto's default budget (32 passes) covered the exact value (30) and spent it past
     max_passes=10 (a new user's repro); an explicit exact method names the conflict."""
     torch.manual_seed(0)
-    K = nk.NTK(torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double(), torch.randn(10, 5, dtype=torch.float64))
+    net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+    K = nk.NTK(net, torch.randn(10, 5, dtype=torch.float64), ghost=False)  # no per-example blocks: exact costs D = 30
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", nk.ConvergenceWarning)
         for call in (nk.trace, nk.effective_rank):

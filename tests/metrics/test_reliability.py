@@ -216,7 +216,7 @@ def test_absurd_budgets_are_refused_with_the_exact_cost() -> None:
         """,
         timeout=60,
     )
-    assert r.returncode == 0 and "exact value costs 18" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0 and "exact value costs 3" in r.stdout, r.stdout + r.stderr  # 3 VJPs over 6 per-example blocks
 
 
 def test_the_budget_guard_counts_what_a_probe_really_costs() -> None:
@@ -551,11 +551,11 @@ def test_hidden_ntk_of_a_submodule_counts_only_the_parameters_that_move_it() -> 
 
 def test_hutchpp_and_xtrace_switch_to_exact_alike() -> None:
     """A budget that covers the exact cost buys the exact value, at the exact cost, for both."""
-    K = _tiny()  # D = 18 < P = 75: exact costs 18 VJPs
+    K = _tiny()  # D = 18 < P = 75: the exact trace costs 3 VJPs, over its 6 per-example blocks of 3 outputs
     truth = nk.trace(K, method="exact")
     for method in ("hutchpp", "xtrace"):
         e = nk.trace(K, method=method, num_probes=200, seed=0)
-        assert e.exact and e.stderr is None and e.passes == truth.passes == 18, (method, e)
+        assert e.exact and e.stderr is None and e.passes == truth.passes == 3, (method, e)
         assert e.value == pytest.approx(truth.value, rel=1e-12)
     assert not nk.trace(K, method="hutchpp", num_probes=8, seed=0).exact  # 16 passes < 18
 
@@ -567,8 +567,8 @@ def test_exact_costs_one_jacobian_and_budgets_above_it_run_exact() -> None:
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
     x = torch.randn(6, 5, dtype=torch.float64)  # D = 18, P = 75
-    K = nk.NTK(net, x)
-    K2 = nk.NTK(net, x, params={n: p.detach() * 1.1 for n, p in net.named_parameters()})
+    K = nk.NTK(net, x, ghost=False)  # no per-example blocks (whose exact trace costs 3 VJPs: test_example_blocks)
+    K2 = nk.NTK(net, x, params={n: p.detach() * 1.1 for n, p in net.named_parameters()}, ghost=False)
     y = torch.randn(6, 3, dtype=torch.float64)
     for e in (nk.effective_rank(K, method="exact"), nk.frobenius_norm(K, method="exact"), nk.target_alignment(K, y, method="exact")):
         assert (e.jvp_passes, e.vjp_passes) == (0, 18), e
@@ -612,7 +612,8 @@ def test_non_finite_products_raise_or_are_avoided_instead_of_hanging() -> None:
             def forward(self, x):
                 return self.b(torch.relu(self.a(x)).sqrt())
 
-        e = nk.trace(nk.NTK(Sqrt().double(), torch.randn(30, 10, dtype=torch.float64)), num_probes=40, seed=0)
+        # ghost=False: no per-example blocks, whose exact trace (3 VJPs) auto would take without a pilot
+        e = nk.trace(nk.NTK(Sqrt().double(), torch.randn(30, 10, dtype=torch.float64), ghost=False), num_probes=40, seed=0)
         print("AUTO", e.method, math.isfinite(e.value))
         """,
         timeout=60,
@@ -651,7 +652,7 @@ def test_exact_norms_and_sketching_methods_refuse_what_memory_cannot_hold() -> N
     wide = nk.NTK(torch.nn.Linear(1000, 500), torch.randn(1, 1000))  # D = 500, P = 500,500
     with pytest.raises(ValueError, match=r"would store a 500×500500 Jacobian .* the exact trace stores nothing"):
         nk.frobenius_norm(wide, method="exact")
-    long = nk.NTK(torch.nn.Linear(1000, 500), torch.randn(400, 1000))  # D = 200,000
+    long = nk.NTK(torch.nn.Linear(1000, 500), torch.randn(400, 1000), ghost=False)  # D = 200,000; no per-example blocks (exact: 500 VJPs)
     for method in ("hutchpp", "xtrace"):
         with pytest.raises(ValueError, match=r"num_probes=60000 exceeds the memory limit of 250 probes"):
             nk.trace(long, method=method, num_probes=60000, seed=0)

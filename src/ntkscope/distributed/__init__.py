@@ -438,6 +438,46 @@ class ShardedNTK(FactoredKernel):
             raise_agreed(self.group, error, f"ShardedNTK.{'vjp' if kind == 'all_reduce' else 'jvp'} on a shard")
         return out
 
+    # -- per-example blocks: each rank's examples are its own, the samples add over the shards ------
+
+    def trace_blocks(self) -> int | None:
+        """The local kernels' ``R`` where every rank finds per-example blocks of the same size on
+        its state's first axis (the one the shards stack along); collective, once."""
+        if not hasattr(self, "_blocks"):
+            local = self.local
+            first = getattr(local, "_example_axis", lambda: None)() == 0 and len(self.state_shape) == len(getattr(local, "state_shape", ()))
+            mine = local.trace_blocks() if first else None
+            every: list[Any] = [None] * len(self.shard_dims)
+            dist.all_gather_object(every, mine, group=self.group)
+            self._blocks: int | None = every[0] if every[0] is not None and all(r == every[0] for r in every) else None
+        return self._blocks
+
+    def block_sqnorms(self, X: torch.Tensor) -> torch.Tensor:
+        """``Σ_b ‖J_bᵀx_b‖²`` over every rank's examples: the local sums, all-reduced."""
+        if self.trace_blocks() is None:
+            raise RuntimeError("this kernel's trace does not separate over per-example blocks (trace_blocks() is None)")
+        self._check_executor()
+        if X.dim() != 2 or X.shape[0] != self.dim:
+            raise ValueError(f"Σ_b ‖J_bᵀ·V_b‖²: expected shape ({self.dim}, m), got {tuple(X.shape)}")
+        local: torch.Tensor | None = None
+        error: BaseException | None = None
+        try:
+            local = self.local.block_sqnorms(X[self.offset : self.offset + self.local.dim])
+        except Exception as e:
+            error = e
+        out = self._collect("all_reduce", local, error, X.shape[1])
+        self.vjp_count += X.shape[1]
+        return out[:-1].to(torch.float64)
+
+    def block_basis(self, start: int, stop: int) -> torch.Tensor:
+        R = self.trace_blocks()
+        if R is None:
+            raise RuntimeError("this kernel's trace does not separate over per-example blocks (trace_blocks() is None)")
+        entries = torch.arange(self.dim, device=self.device).reshape(-1, R)[:, start:stop]
+        E = torch.zeros(self.dim, stop - start, dtype=self.dtype, device=self.device)
+        E[entries, torch.arange(stop - start, device=self.device)] = 1
+        return E
+
     def _vjp(self, V: torch.Tensor) -> torch.Tensor:
         """``Jᵀ V = Σ_r J_rᵀ V_r``: local VJP of this rank's slice, all-reduced."""
         self._check_executor()

@@ -107,6 +107,9 @@ def exact_trace(op: KernelOperator, side: str | None = None) -> float:
     """``tr K`` without storing J or K (for an NTK from the basis of ``side``, default the smaller)."""
     if isinstance(op, FactoredKernel):
 
+        if side in (None, "vjp") and (blocks := _block_trace(op)) is not None:
+            return blocks
+
         def side_trace(side: str) -> float:  # squared norms only: a fast path need not write the block
             norms = _basis_rows(op, side, lambda sq: sq.cpu()[:, None], apply=lambda X: op.sqnorms(side, X))
             return float(norms.sum())
@@ -116,6 +119,29 @@ def exact_trace(op: KernelOperator, side: str | None = None) -> float:
     for start, stop, E in _basis_chunks(op.dim, _chunk(op), op.dtype, op.device):
         total += op.matmat(E)[start:stop].double().diagonal().sum().cpu()
     return float(total)
+
+
+def block_trace(op: FactoredKernel) -> float:
+    """``tr K = Σ_b tr K_bb`` in ``R`` VJP passes over a kernel's per-example blocks
+    (:meth:`FactoredKernel.trace_blocks` must be ``R``): the ``r``-th probe holds a 1 at
+    position ``r`` of every block, and its :meth:`~FactoredKernel.block_sqnorms` sums
+    ``K_bb[r, r]`` over the blocks.  Under probe parallelism the ranks split the R passes."""
+    R = op.trace_blocks()
+    if R is None:
+        raise RuntimeError("the kernel's trace does not separate over per-example blocks")
+    # probe blocks, as every exact value: probe-parallel ranks split the R passes
+    return float(map_probes(R, _chunk(op), lambda s, e: op.block_sqnorms(op.block_basis(s, e)).cpu()).sum())
+
+
+def _block_trace(op: FactoredKernel) -> float | None:
+    """:func:`block_trace` where the blocks hold fewer entries than ``min(D, P)`` and exist, else None."""
+    axis_sizes = getattr(op, "state_shape", (op.dim,))
+    if op.dim // max(axis_sizes) >= min(op.dim, op.num_params):  # no block basis can be smaller
+        return None
+    try:
+        return block_trace(op) if op.trace_blocks() is not None else None
+    except RuntimeError:  # the blocks failed on the way: the plain basis
+        return None
 
 
 def smaller_kernel(J: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ def onesided(
     chunk_size: int | None = None,
     project: torch.Tensor | None = None,
     gram_only: bool = False,
+    per_block: bool = False,
 ) -> torch.Tensor:
     """One-sided passes: rows ``Jᵀw`` (side "vjp", probes in R^D) or ``Ju`` (side "jvp", R^P).
 
@@ -37,6 +38,11 @@ def onesided(
     (orthonormal columns in probe space) deflates each probe first: ``(I − QQᵀ)w``.
     ``gram_only``: the kept rows serve only inner products among themselves, so an operator may
     return a shorter isometric image of them (:meth:`FactoredKernel.gram_rows`).
+    ``per_block`` (side "vjp", squared norms, isotropic probes ``E wwᵀ = I`` only): the samples
+    ``Σ_b ‖J_bᵀw_b‖²`` over the kernel's per-example blocks (:meth:`FactoredKernel.trace_blocks`),
+    of the same mean ``Σ_b tr K_bb = tr K`` without the cross-example terms: Rademacher variance
+    ``2 Σ_b (‖K_bb‖_F² − Σ_{i∈b} Kᵢᵢ²)``, ``≤`` the plain one's.  Where they fail on a chunk, the
+    plain ``‖Jᵀw‖²``, samples of the same mean, stand in.
 
     Cost: one AD pass of a single mode per probe (Hazelden 2025).  Variance of one sample
     ``‖Jᵀw‖² = wᵀKw``: ``2(‖K‖_F² − Σᵢ Kᵢᵢ²)`` (Rademacher) or ``2‖K‖_F²`` (Gaussian); of
@@ -53,6 +59,11 @@ def onesided(
             Xd = X.to(torch.float64)
             X = (Xd - Qd @ (Qd.T @ Xd)).to(X.dtype)
         if not keep:  # only the squared norms: a fast path need not write the block (op.sqnorms)
+            if per_block:
+                try:
+                    return op.block_sqnorms(X).cpu()
+                except RuntimeError:
+                    pass
             return op.sqnorms(side, X).cpu()
         if gram_only:
             return op.gram_rows(side, X).contiguous()

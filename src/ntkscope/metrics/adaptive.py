@@ -103,7 +103,7 @@ class CachedFactor(FactoredKernel):
         self.num_params = base.num_params
         self.chunk_size = base.chunk_size
         self.state_shape = getattr(base, "state_shape", (base.dim,))
-        self._memo = {"jvp": _Memo(), "vjp": _Memo()}
+        self._memo = {"jvp": _Memo(), "vjp": _Memo(), "blocks": _Memo()}
 
     def _jvp(self, U: torch.Tensor) -> torch.Tensor:
         return self._memo["jvp"].apply(U, self.base.jvp)
@@ -113,6 +113,17 @@ class CachedFactor(FactoredKernel):
 
     def modes(self) -> dict[str, bool]:
         return self.base.modes()
+
+    def trace_blocks(self) -> int | None:
+        return self.base.trace_blocks()
+
+    def block_sqnorms(self, X: torch.Tensor) -> torch.Tensor:
+        """Per-example trace samples, memoised like the products (a tolerance round redraws its
+        earlier probes)."""
+        return self._memo["blocks"].apply(X, lambda Y: self.base.block_sqnorms(Y)[None, :])[0]
+
+    def block_basis(self, start: int, stop: int) -> torch.Tensor:
+        return self.base.block_basis(start, stop)
 
     def same_inputs(self, other: FactoredKernel) -> bool | None:
         return self.base.same_inputs(other.base)  # type: ignore[arg-type]

@@ -92,7 +92,9 @@ def choose_method(
 ) -> tuple[Method, str]:
     """What ``method="auto"`` picks for these kernels, and why.
 
-    1. Exact when ``min(D, P)`` passes fit in the budget.
+    1. Exact when ``min(D, P)`` passes fit in the budget.  For the trace of a kernel over
+       per-example blocks (:meth:`~ntkscope.operators.base.FactoredKernel.trace_blocks`): exact
+       in ``R`` passes if they fit, else one-sided VJP samples over the blocks (no pilot).
     2. Otherwise the AD side: by which modes work, by D vs P (the smaller probe space), and away
        from a side whose path is slow (a Python loop over probes, or J·u as a double VJP).
     3. With ``seed`` given (as the metrics do), a cheap pilot decides one- vs two-sided: a
@@ -126,6 +128,11 @@ def _choose(
             return Method.EXACT, f"dim {n} ≤ budget {num_probes}: the exact kernel is cheaper"
         return Method.HUTCHPP, "only K-matvecs are available (no factor J): Hutch++ is the safe two-sided choice"
     fops = [o for o in ops if isinstance(o, FactoredKernel)]
+    if quantity == "trace" and len(fops) == 1 and (R := fops[0].trace_blocks()) is not None:
+        G = fops[0].dim // R
+        if R <= num_probes:
+            return Method.EXACT, f"the trace separates over {G} per-example blocks: exact in {R} VJP passes, within the {num_probes}-pass budget"
+        return Method.VJP, f"one-sided VJP over {G} per-example blocks (no cross-example terms in the variance, half a VJP's products)"
     exact_passes = sum(min(o.dim, o.num_params) for o in fops)
     entries = sum(o.dim * o.num_params for o in fops)
     if exact_passes <= num_probes * len(fops) and (quantity == "trace" or entries <= EXACT_MAX_ENTRIES):

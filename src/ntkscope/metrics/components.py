@@ -373,6 +373,8 @@ def _sample_onesided(ops: Sequence[KernelOperator], names: tuple[str, ...], ctx:
     as below).  JVP probes of kernels with P₁ ≠ P₂ are independent."""
     a = ops[0]
     assert isinstance(a, FactoredKernel)
+    if names == ("tr",) and side == "vjp" and (parts := _per_example_trace(a, ctx)) is not None:
+        return parts
     if _onesided_covers_exact(ops, ctx, side):
         return [Part.exact(*_exact_values(ops, names, ctx.targets, side))]
     if names == ("tr",):  # the trace alone keeps no products
@@ -400,6 +402,24 @@ def _sample_onesided(ops: Sequence[KernelOperator], names: tuple[str, ...], ctx:
         "quad": lambda: jk.mean_loo((A @ ctx.targets.double()).square().cpu()),  # type: ignore[union-attr]  # E (yᵀJu)² = yᵀKy
     }
     return [Part.stack(*(stat[n]() for n in names))]
+
+
+def _per_example_trace(a: FactoredKernel, ctx: RunContext) -> list[Part] | None:
+    """The VJP trace over per-example blocks (:meth:`FactoredKernel.trace_blocks`), or None where
+    the kernel has none: exact in ``R`` passes where the budget covers them, else the samples
+    ``Σ_b ‖J_bᵀw_b‖²`` (same mean, no cross-example terms in the variance)."""
+    R = a.trace_blocks()
+    if R is None:
+        return None
+    G = a.dim // R
+    if ctx.m >= R and ctx.fixed:
+        ctx.info.setdefault("variants", []).append(
+            f"exact over {G} per-example blocks (the budget, {ctx.m} VJP passes, covers their {R} basis probes)"
+        )
+        return [Part.exact(ex.block_trace(a))]
+    ctx.info.setdefault("variants", []).append(f"per-example blocks: samples Σ_b ‖J_bᵀw_b‖² over {G} examples")
+    stream = ctx.stream(a.dim, a.dtype, a.device)
+    return [Part.means(est.onesided(a, "vjp", stream.columns, ctx.m, keep=False, chunk_size=ctx.chunk, per_block=True))]
 
 
 def _sample_projected(ops: Sequence[KernelOperator], names: tuple[str, ...], ctx: RunContext, *, side: str) -> list[Part]:

@@ -159,7 +159,12 @@ class _Run:
 
     @property
     def exact_cost(self) -> int:
-        """Passes (products, for a kernel without a factor) of the exact value: ``Σ min(D, P)``."""
+        """Passes (products, for a kernel without a factor) of the exact value: ``Σ min(D, P)``,
+        or a trace's ``R`` VJPs over per-example blocks (:meth:`FactoredKernel.trace_blocks`)."""
+        if self.quantity.trace_only and len(self.distinct) == 1 and isinstance(o := self.distinct[0], FactoredKernel):
+            blocks = o.trace_blocks()
+            if blocks is not None:
+                return min(blocks, o.dim, o.num_params)
         return sum(min(o.dim, o.num_params) if isinstance(o, FactoredKernel) else o.dim for o in self.distinct)
 
     def exact_fits(self) -> bool:

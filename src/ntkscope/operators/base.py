@@ -117,6 +117,22 @@ class FactoredKernel(KernelOperator):
         """Numbers per row of :meth:`gram_rows` (what a stored probe costs)."""
         return self.num_params if side == "vjp" else self.dim
 
+    def trace_blocks(self) -> int | None:
+        """``R`` where the VJP side's one-sided trace separates over ``G = D / R`` diagonal blocks
+        of K, one per example: ``tr K = Σ_b tr K_bb`` with the samples of :meth:`block_sqnorms`,
+        and exact in ``R`` passes from :meth:`block_basis`.  None (here): not known to."""
+        return None
+
+    def block_sqnorms(self, X: torch.Tensor) -> torch.Tensor:
+        """Per-column ``Σ_b ‖J_bᵀx_b‖²`` (float64) over the blocks of :meth:`trace_blocks`, counted
+        as VJP passes; raises ``RuntimeError`` where they cannot be had."""
+        raise RuntimeError(f"{type(self).__name__} has no per-example blocks")
+
+    def block_basis(self, start: int, stop: int) -> torch.Tensor:
+        """Columns ``start … stop−1`` of the ``R`` probes that hold a 1 at the same position of
+        every block of :meth:`trace_blocks`: ``Σ`` of their :meth:`block_sqnorms` is ``tr K``."""
+        raise RuntimeError(f"{type(self).__name__} has no per-example blocks")
+
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         return self.jvp(self.vjp(V))
 

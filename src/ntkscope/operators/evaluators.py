@@ -143,7 +143,7 @@ class Evaluator:
         jvp_path: str | None = None,
         vjp_path: str | None = None,
         ruled_chunk_size: int | None = None,
-        ghost: Callable[[Sequence[torch.Tensor]], GhostNorms | None] | None = None,
+        ghost: Callable[..., GhostNorms | None] | None = None,
     ) -> None:
         self.f = f
         self.dim = dim  # D, the size of the flattened state
@@ -166,6 +166,8 @@ class Evaluator:
         self.ghost_checked: dict[str, bool] = {}  # per result kind: agreed with a generic path
         self.ghost_chunk_size: int | None = None  # set: the user's chunk size; else the ghost's own
         self.ghost_path = "vmap-reverse+rules+ghost" if ruled_f is not None else "vmap-reverse+ghost"
+        self.blocks: GhostNorms | None = None  # every linear layer ghosted, for the per-example blocks
+        self.blocks_ok: bool | None = None  # whether they were found (None: not looked for)
 
     # -- paths ---------------------------------------------------------------------------------
 
@@ -314,22 +316,60 @@ class Evaluator:
                 self.ghost_ok = False
         return self.ghost
 
+    def find_blocks(self, blocks: torch.Tensor, G: int) -> bool:
+        """Whether ``Σ_b ‖J_bᵀv_b‖²`` over the state's blocks (``blocks``: each entry's block) can
+        be had from ghost norms (:meth:`GhostNorms.find_blocks`), looked for once: every analysed
+        parameter in a ghosted layer, every row's cotangent from one block, and one probe on two
+        blocks agreeing with two generic passes (uncounted, like every check)."""
+        if self.blocks_ok is None:
+            self.blocks_ok = self._find_blocks(blocks, G)
+        return self.blocks_ok
+
+    def _find_blocks(self, blocks: torch.Tensor, G: int) -> bool:
+        if self._ghost_factory is None or self.forced["vjp"] or "vjp" in self.broken:
+            return False
+        try:
+            with quiet(), math_attention():
+                g = self.blocks = self._ghost_factory(self.primals, every=True)
+                if g is None or g.free:
+                    return False
+                p = g.pullback()
+                if not g.find_blocks(p, blocks, G):
+                    return False
+                gen = torch.Generator().manual_seed(0x626C6B)
+                v = torch.randn(self.dim, generator=gen, dtype=torch.float64).to(device=blocks.device, dtype=self.primals[0].dtype)
+                two = torch.stack([v * (blocks == 0), v * (blocks == G - 1)])
+                got = g.block_sqnorms(p, two.sum(0, keepdim=True))
+            ref = self.run("vjp", two, reduce=sqnorms).sum().reshape(1)
+        except Exception as e:
+            if is_randomness_error(e):
+                raise random_model_error() from e
+            return False
+        self.ghost_checked["block_sqnorms"] = agrees(got, ref, two.dtype)
+        return self.ghost_checked["block_sqnorms"]
+
+    def block_sqnorms(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """``Σ_b ‖J_bᵀv_b‖²`` of each row (float64), or None where :meth:`find_blocks` has not
+        succeeded or the ghost failed since."""
+        return self._ghost("block_sqnorms", rows) if self.blocks_ok else None
+
     def _ghost(self, what: str, rows: torch.Tensor) -> torch.Tensor | None:
-        """``what`` ("sqnorms" or "gram_rows") of ``rows`` with ghost norms, or None where they
+        """``what`` ("sqnorms", "gram_rows" or "block_sqnorms") of ``rows`` with ghost norms, or None where they
         do not apply (no ghosted layer, a forced path, or a failed check: the caller's generic
         path then runs)."""
-        if self.ghost_checked.get(what) is False or self.ghost_norms() is None:
+        g = self.blocks if what == "block_sqnorms" else self.ghost_norms()
+        if self.ghost_checked.get(what) is False or g is None:
             return None
-        assert self.ghost is not None
         cache = self._cache()
-        size = self.ghost_chunk_size or self.ghost.chunk_size or (self.ruled_chunk_size if self.ruled_f is not None else self.chunk_size)
+        key = "blocks" if g is self.blocks else "ghost"
+        size = self.ghost_chunk_size or g.chunk_size or (self.ruled_chunk_size if self.ruled_f is not None else self.chunk_size)
         outs = []
         try:
             with quiet(), math_attention():
-                if "ghost" not in cache:
-                    cache["ghost"] = self.ghost.pullback()
+                if key not in cache:
+                    cache[key] = g.pullback()
                 for start in range(0, rows.shape[0], size):
-                    outs.append(getattr(self.ghost, what)(cache["ghost"], rows[start : start + size]))
+                    outs.append(getattr(g, what)(cache[key], rows[start : start + size]))
                     if what not in self.ghost_checked:
                         self.ghost_checked[what] = self._check_ghost(what, rows[start : start + 2], outs[0][:2])
                         if not self.ghost_checked[what]:
@@ -339,7 +379,8 @@ class Evaluator:
                 raise random_model_error() from e
             self.ghost_checked[what] = False
             return None
-        self.ghost_ok = True
+        if g is self.ghost:
+            self.ghost_ok = True
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     def _check_ghost(self, what: str, rows: torch.Tensor, got: torch.Tensor) -> bool:

@@ -24,6 +24,13 @@ its forward reads them (checked on one forward with a :class:`~torch.overrides.T
 ``nn.MultiheadAttention``'s ``out_proj``, whose weight the attention reads directly, is never
 ghosted).  The evaluator checks each kind of result once against the generic path
 (two probes) before trusting it.
+
+Per-example blocks (:meth:`GhostNorms.find_blocks`, :meth:`GhostNorms.block_sqnorms`): where
+every analysed parameter is ghosted and each row's cotangent comes from one example, the
+example's share of the gradient has the ghost norm ``⟨Δ_b Δ_bᵀ, A_b⟩`` over its own rows, so
+one pass gives ``Σ_b ‖J_bᵀv_b‖²`` — the one-sided trace without cross-example terms, and
+exact in ``D / G`` passes (:meth:`ntkscope.NTK.trace_blocks`).  There every linear layer is
+ghosted, ``N > in`` too: the blocks cost ``T² · out`` per example (``T`` rows each), never ``A``.
 """
 
 from __future__ import annotations
@@ -145,6 +152,7 @@ class GhostNorms:
         # one probe's result numbers: the free parameters' gradients and the layers' Δ
         self.probe_numel = sum(self.primals[i].numel() for i in self.free) + sum(math.prod(s) for s in self.tap_shapes)
         self.chunk_size: int | None = None  # probes per chunk; None: the evaluator's
+        self.blocks: list[_RowBlocks] | None = None  # per layer, once find_blocks has succeeded
 
     def pullback(self) -> GhostPass:
         """One forward: the pullback to (free parameters, taps) and each layer's ``A``."""
@@ -164,14 +172,8 @@ class GhostNorms:
 
         pull = vjp(fn, *free, *taps)[1]
         acc = torch.float32 if dtype not in (torch.float32, torch.float64) else dtype
-        grams = []
-        for layer in self.layers:
-            X = torch.cat([inputs[i] for i in layer.calls]).to(acc)
-            A = X @ X.T
-            if layer.bias:
-                A += 1
-            grams.append(A)
-        return GhostPass(pull, grams)
+        rows = [torch.cat([inputs[i] for i in layer.calls]).to(acc) for layer in self.layers]
+        return GhostPass(pull, rows, [layer.bias for layer in self.layers])
 
     def _deltas(self, p: GhostPass, rows: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """A chunk's free-parameter gradients ``(m, ·)`` and each layer's ``Δ`` ``(m, N, out)``."""
@@ -179,9 +181,9 @@ class GhostNorms:
         parts = vmap(p.pull)(rows)
         k = len(self.free)
         deltas = []
-        for layer, A in zip(self.layers, p.grams):
+        for layer, X in zip(self.layers, p.rows):
             blocks = [parts[k + i].reshape(m, -1, layer.out) for i in layer.calls]
-            deltas.append((blocks[0] if len(blocks) == 1 else torch.cat(blocks, 1)).to(A.dtype))
+            deltas.append((blocks[0] if len(blocks) == 1 else torch.cat(blocks, 1)).to(X.dtype))
         return [g.reshape(m, -1) for g in parts[:k]], deltas
 
     def sqnorms(self, p: GhostPass, rows: torch.Tensor) -> torch.Tensor:
@@ -204,14 +206,118 @@ class GhostNorms:
         dtype = rows.dtype
         return torch.cat([*(g.to(dtype) for g in free), *(torch.matmul(S, d).reshape(rows.shape[0], -1).to(dtype) for d, S in zip(deltas, p.roots()))], 1)
 
+    # -- per-example blocks ---------------------------------------------------------------------
+
+    def find_blocks(self, p: GhostPass, blocks: torch.Tensor, G: int) -> bool:
+        """Whether every ghosted layer's rows each take their cotangent from one block of the
+        state only (``blocks``: each state entry's block, ``0 … G−1``), and which; kept for
+        :meth:`block_sqnorms`.  Only where every analysed parameter is ghosted (``free`` empty).
+
+        With ``L`` bits per block index, ``2L`` probes: Gaussian values on the entries whose
+        block has bit ``j`` equal to ``s``.  A row fed by two blocks differs from them in some
+        bit, so it is nonzero under both halves of that bit and the kernel is refused; a row fed
+        by one block is nonzero exactly under the halves holding it, which spell its index.  A
+        row that is zero under every probe carries no cotangent at all (the check is exact: a
+        block's cotangent does not leak into another's rows, even by rounding, unless the model
+        mixes examples — train-mode BatchNorm, attention over the batch)."""
+        self.blocks = None
+        if self.free or G < 2:
+            return False
+        L = (G - 1).bit_length()
+        dev = blocks.device
+        gen = torch.Generator().manual_seed(0x6E746B)
+        values = torch.randn(blocks.numel(), generator=gen, dtype=torch.float64).to(device=dev, dtype=self.primals[0].dtype)
+        bits = (blocks[None, :] >> torch.arange(L, device=dev)[:, None]) & 1
+        probes = torch.cat([values * (bits == 1), values * (bits == 0)])
+        step = self.chunk_size or 8
+        masks = [(delta != 0).any(-1) for delta in self._deltas(p, probes[:step])[1]]  # per layer (probes, N)
+        for start in range(step, len(probes), step):
+            masks = [torch.cat([a, (d != 0).any(-1)]) for a, d in zip(masks, self._deltas(p, probes[start : start + step])[1])]
+        found = []
+        for nonzero, X, bias in zip(masks, p.rows, p.bias):
+            on, off = nonzero[:L], nonzero[L:]
+            fed = on | off
+            live = fed.any(0)
+            if (on & off).any() or (fed != live[None]).any():
+                return False
+            block = (on.long() << torch.arange(L, device=dev)[:, None]).sum(0)
+            if (block[live] >= G).any():
+                return False
+            found.append(_RowBlocks.of(block, live, X, bias, G))
+        self.blocks = found
+        return True
+
+    def block_sqnorms(self, p: GhostPass, rows: torch.Tensor) -> torch.Tensor:
+        """``Σ_b ‖J_bᵀv_b‖²`` (float64) of a chunk of probe rows, ``J_b`` the rows of J of block
+        ``b``: each layer's ``Σ_b ⟨Δ_b Δ_bᵀ, A_b⟩`` over its blocks' rows (:meth:`find_blocks`),
+        ``G · T² · out`` multiply-adds per probe for ``T`` rows per block; one row per block
+        (an MLP) costs ``‖δ_r‖²`` per row."""
+        assert self.blocks is not None
+        m = rows.shape[0]
+        _, deltas = self._deltas(p, rows)
+        total = torch.zeros(m, dtype=torch.float64, device=rows.device)
+        for delta, rb in zip(deltas, self.blocks):
+            if rb.order is None:  # one live row per block, in block order
+                total += (torch.linalg.vector_norm(delta, dim=-1).square() @ rb.grams.reshape(-1)).to(torch.float64)
+                continue
+            d = torch.cat([delta, delta.new_zeros(m, 1, delta.shape[-1])], 1)[:, rb.order]  # (m, G, T, out); pads read the zero row
+            if rb.order.shape[1] == 1:
+                total += (torch.linalg.vector_norm(d[:, :, 0], dim=-1).square() @ rb.grams.reshape(-1)).to(torch.float64)
+            else:
+                total += (torch.matmul(d, d.transpose(-1, -2)).reshape(m, -1) @ rb.grams.reshape(-1)).to(torch.float64)
+        return total
+
+
+@dataclass
+class _RowBlocks:
+    """One layer's rows grouped by the state block their cotangent comes from: ``order``
+    (``G × T`` row indices, ``N`` padding to a zero row; None where the rows are the blocks,
+    one each in order) and the diagonal blocks of ``A`` (``G × T × T``)."""
+
+    order: torch.Tensor | None
+    grams: torch.Tensor
+
+    @staticmethod
+    def of(block: torch.Tensor, live: torch.Tensor, X: torch.Tensor, bias: bool, G: int) -> _RowBlocks:
+        """From the layer's rows' blocks (``live``: rows with a cotangent) and its input rows ``X``:
+        ``A_b = X_b X_bᵀ (+ 11ᵀ)``, never the whole ``N × N`` ``A``."""
+        N = X.shape[0]
+        rows = torch.nonzero(live).squeeze(1)
+        b = block[rows]
+        if N == G and bool(live.all()) and bool((block == torch.arange(G, device=block.device)).all()):
+            return _RowBlocks(None, X.square().sum(1) + (1 if bias else 0))
+        counts = torch.bincount(b, minlength=G)
+        T = max(1, int(counts.max()))
+        sort = torch.argsort(b, stable=True)
+        rows, b = rows[sort], b[sort]
+        pos = torch.arange(len(rows), device=rows.device) - (torch.cumsum(counts, 0) - counts)[b]
+        order = torch.full((G, T), N, dtype=torch.long, device=rows.device)
+        order[b, pos] = rows
+        Xb = torch.cat([X, X.new_zeros(1, X.shape[1])])[order]  # (G, T, in); pads are zero rows
+        grams = Xb @ Xb.transpose(1, 2)
+        if bias:
+            real = (order < N).to(X.dtype)
+            grams += real[:, :, None] * real[:, None, :]
+        return _RowBlocks(order, grams)
+
 
 @dataclass
 class GhostPass:
-    """One forward's pullback (to the free parameters and the taps) and each layer's ``A``."""
+    """One forward's pullback (to the free parameters and the taps), each layer's input rows
+    ``X`` and whether it has a bias; ``A = XXᵀ (+ 11ᵀ)`` per layer on first use (the per-example
+    blocks need only its diagonal blocks)."""
 
     pull: Callable[..., tuple[torch.Tensor, ...]]
-    grams: list[torch.Tensor]
+    rows: list[torch.Tensor]
+    bias: list[bool]
+    _grams: list[torch.Tensor] | None = None
     _roots: list[torch.Tensor] | None = None
+
+    @property
+    def grams(self) -> list[torch.Tensor]:
+        if self._grams is None:
+            self._grams = [X @ X.T + (1 if b else 0) for X, b in zip(self.rows, self.bias)]
+        return self._grams
 
     def roots(self) -> list[torch.Tensor]:
         """``A^½`` per layer (float64 eigendecomposition, negative rounding clipped)."""
@@ -251,11 +357,14 @@ def build_ghost(
     names: Sequence[str],
     primals: Sequence[torch.Tensor],
     base: dict[str, torch.Tensor],
+    every: bool = False,
 ) -> GhostNorms | None:
     """A :class:`GhostNorms` for ``net``, or None where no layer is worth ghosting.
 
     One forward (no gradients) records each linear layer's calls and whether its parameters are
-    read anywhere else; a layer is kept where ``N ≤ in`` (see the module docstring).
+    read anywhere else; a layer is kept where ``N ≤ in`` (see the module docstring), or wherever
+    it is exact with ``every`` (the per-example blocks of :meth:`GhostNorms.find_blocks`, which
+    cost ``T ≤ N`` rows per example and need every parameter ghosted).
     """
     analysed = set(names)
     counts: dict[int, int] = {}
@@ -268,7 +377,7 @@ def build_ghost(
         own = [m.weight] + ([bias] if bias is not None else [])
         if w in analysed and (b is None or b in analysed) and all(counts.get(id(p), 0) == 1 for p in own):
             layers[name] = (w, b)
-    if not layers:
+    if not layers or (every and analysed - {p for w, b in layers.values() for p in (w, b)}):  # per-example blocks need them all
         return None
     try:
         clone = shared_copy(net)
@@ -292,7 +401,7 @@ def build_ghost(
     for (layer, _, n), x in zip(sess.calls, sess.inputs):
         rows[layer] = rows.get(layer, 0) + n
         ins[layer] = x.shape[-1]
-    layers = {k: v for k, v in layers.items() if k in rows and rows[k] <= ins[k]}
+    layers = {k: v for k, v in layers.items() if k in rows and (every or rows[k] <= ins[k])}
     if not layers:
         return None
     # layers dropped above still run their ghost forward: they must then read no taps

@@ -137,8 +137,8 @@ class NTK(FactoredKernel):
             raise ValueError(f"rules=True: no submodule of this {type(model).__name__} has a rule (see ntkscope.operators.rules for the supported modules)")
         ghost_net = module if ruled is None else ruled
 
-        def ghost_norms(primals: Sequence[torch.Tensor]) -> GhostNorms | None:
-            g = build_ghost(ghost_net, call, names, primals, {**fixed, **buffers})  # fixed as _first_forward left it
+        def ghost_norms(primals: Sequence[torch.Tensor], every: bool = False) -> GhostNorms | None:
+            g = build_ghost(ghost_net, call, names, primals, {**fixed, **buffers}, every=every)  # fixed as _first_forward left it
             if g is not None and chunk_size is None:  # a probe keeps Δ, not the ghosted layers' gradients
                 g.chunk_size = self._default_chunk(ruled_fn or self._fn_raw, rules=ruled_fn is not None, width=g.probe_numel)
             return g
@@ -213,7 +213,7 @@ class NTK(FactoredKernel):
         what: str,
         ruled_fn: Callable[..., torch.Tensor] | None = None,
         fixed: dict[str, torch.Tensor] | None = None,
-        ghost: Callable[[Sequence[torch.Tensor]], GhostNorms | None] | None = None,
+        ghost: Callable[..., GhostNorms | None] | None = None,
     ) -> None:
         self._fn_raw = fn
         self.primals = tuple(primals)
@@ -354,6 +354,8 @@ class NTK(FactoredKernel):
         out = {k: p.name if p else None for k, p in self._evaluator.paths.items()}
         if self._evaluator.ghost_ok:
             out["vjp-norms"] = self._evaluator.ghost_path
+        if self._evaluator.blocks_ok:
+            out["vjp-trace"] = f"per-example blocks ({self.state_shape[self._example_axis() or 0]} over state axis {self._example_axis()})"
         return out
 
     @property
@@ -381,6 +383,51 @@ class NTK(FactoredKernel):
         else:
             self.vjp_count += X.shape[1]
         return out
+
+    def _example_axis(self) -> int | None:
+        """The state axis of the examples: ``"batch"`` where the axes are named, else the first."""
+        axes = tuple(getattr(self, "axes", ()))
+        axis = axes.index("batch") if "batch" in axes else 0
+        return axis if self.state_shape[axis] > 1 else None
+
+    def trace_blocks(self) -> int | None:
+        """``R = D / G`` where the one-sided VJP trace separates over the ``G`` examples of the
+        state (its ``"batch"`` axis, else its first): ``tr K = Σ_b tr K_bb``, sampled as
+        ``Σ_b ‖J_bᵀv_b‖²`` and exact in ``R`` VJP passes.  That needs every analysed parameter
+        in a ghosted linear layer (:mod:`ntkscope.operators.ghost`) and a model that keeps the
+        examples apart (no train-mode BatchNorm, no attention over the batch), both checked
+        once by uncounted probes; None otherwise."""
+        axis = self._example_axis()
+        if axis is None:
+            return None
+        G = self.state_shape[axis]
+        return self.dim // G if self._evaluator.find_blocks(self._example_ids(axis), G) else None
+
+    def _example_ids(self, axis: int) -> torch.Tensor:
+        """Each state entry's example (flat order)."""
+        shape = self.state_shape
+        ids = torch.arange(shape[axis], device=self.device).reshape([-1 if i == axis else 1 for i in range(len(shape))])
+        return ids.expand(shape).reshape(-1)
+
+    def block_sqnorms(self, X: torch.Tensor) -> torch.Tensor:
+        if self.trace_blocks() is None:
+            raise RuntimeError("this kernel's trace does not separate over per-example blocks (trace_blocks() is None)")
+        X, _ = _as_block(X, self.dim, "Σ_b ‖J_bᵀ·V_b‖²")
+        out = self._evaluator.block_sqnorms(X.to(device=self.device, dtype=self.dtype).T.contiguous())
+        if out is None:
+            raise RuntimeError("the per-example ghost norms failed on these probes")
+        self.vjp_count += X.shape[1]
+        return out
+
+    def block_basis(self, start: int, stop: int) -> torch.Tensor:
+        axis = self._example_axis()
+        if self.trace_blocks() is None or axis is None:
+            raise RuntimeError("this kernel's trace does not separate over per-example blocks (trace_blocks() is None)")
+        G = self.state_shape[axis]
+        entries = torch.arange(self.dim, device=self.device).reshape(self.state_shape).movedim(axis, -1).reshape(-1, G)
+        E = torch.zeros(self.dim, stop - start, dtype=self.dtype, device=self.device)
+        E[entries[start:stop].T, torch.arange(stop - start, device=self.device)] = 1
+        return E
 
     def gram_rows(self, side: str, X: torch.Tensor) -> torch.Tensor:
         """Rows with the inner products of ``JᵀX``'s columns (or ``JX``'s): on the VJP side,
