@@ -164,3 +164,74 @@ def test_an_example_without_cotangent_rows_pads_its_block() -> None:
     V = torch.randn(K.dim, 4, generator=torch.Generator().manual_seed(2), dtype=DT)
     ref = _block_reference(K, V)
     assert float((K.block_sqnorms(V) - ref).abs().max() / ref.abs().max()) < 1e-10
+
+
+class GatedMix(nn.Module):
+    """Mixes examples only where a ReLU gate is open (closed at first: bias -100)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.g, self.b = nn.Linear(4, 4), nn.Linear(4, 1), nn.Linear(4, 2)
+        with torch.no_grad():
+            self.g.bias.fill_(-100.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.a(x))
+        return self.b(h + torch.relu(self.g(h)) * h.mean(0, keepdim=True))
+
+
+def test_blocks_follow_parameters_changed_in_place_and_renamed_axes() -> None:
+    """An NTK reads its model's parameters live: after in-place training its blocks' Grams, and
+    whether examples still separate, are found again (they were kept from the first call and
+    gave 70.0 as "exact" for a trace of 306.0); renaming the state's axes re-finds them too."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    X = torch.randn(6, 10, dtype=DT)
+    K = nk.NTK(net, X)
+    assert nk.trace(K, method="exact").vjp_passes == 3
+    opt = torch.optim.SGD(net.parameters(), lr=0.3)
+    for _ in range(5):
+        opt.zero_grad()
+        (net(X) - 1).square().sum().backward()
+        opt.step()
+    truth = float(ex.kernel(nk.NTK(net, X, ghost=False)).trace())
+    for kw in ({"method": "exact"}, {"method": "vjp", "num_probes": 3}):
+        e = nk.trace(K, seed=0, **kw)  # type: ignore[arg-type]
+        assert e.exact and e.value == pytest.approx(truth, rel=1e-12), kw
+    gated = GatedMix().double()
+    Kg = nk.NTK(gated, torch.randn(6, 4, dtype=DT))
+    assert Kg.trace_blocks() == 2
+    with torch.no_grad():
+        gated.g.bias.fill_(3.0)  # the gate opens: the model now mixes its examples
+    assert Kg.trace_blocks() is None
+    assert nk.trace(Kg, method="exact").value == pytest.approx(float(ex.kernel(nk.NTK(gated, Kg.inputs, ghost=False)).trace()), rel=1e-12)
+    seq = nk.NTK(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4)).double(), torch.randn(3, 5, 6, dtype=DT))
+    assert seq.trace_blocks() == 20  # 3 blocks over the first axis
+    seq.axes = ("time", "batch", "hidden")
+    assert seq.trace_blocks() == 12 and "over state axis 1" in seq.paths["vjp-trace"]
+    assert nk.trace(seq, method="exact").value == pytest.approx(float(ex.kernel(seq).trace()), rel=1e-12)
+
+
+def test_long_examples_scalar_states_and_costly_blocks_take_the_plain_path() -> None:
+    """A block with more rows than a layer's inputs (a token-wise layer over a long sequence)
+    would cost more per probe than the weight gradient (and held G·T² numbers): refused, so the
+    exact trace stays min(D, P) passes (it spent R = 400 VJPs where 90 JVPs did, past
+    max_passes).  A scalar state has no example axis (it raised IndexError)."""
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    K = nk.NTK(net, torch.randn(2, 200, 8, dtype=DT))  # D = 800, P = 90, 200 rows per example into 8 inputs
+    assert K.trace_blocks() is None
+    e = nk.trace(K, method="exact", max_passes=100)
+    assert e.passes == 90 and e.value == pytest.approx(float(ex.kernel(K).trace()), rel=1e-12)
+
+    class Sum(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.a(x).sum()
+
+    S = nk.NTK(Sum().double(), torch.randn(4, 8, dtype=DT))
+    assert S.state_shape == () and S.trace_blocks() is None
+    assert nk.trace(S, method="exact").value == pytest.approx(float(ex.kernel(S).trace()), rel=1e-12)

@@ -134,12 +134,16 @@ def block_trace(op: FactoredKernel) -> float:
 
 
 def _block_trace(op: FactoredKernel) -> float | None:
-    """:func:`block_trace` where the blocks hold fewer entries than ``min(D, P)`` and exist, else None."""
-    axis_sizes = getattr(op, "state_shape", (op.dim,))
-    if op.dim // max(axis_sizes) >= min(op.dim, op.num_params):  # no block basis can be smaller
+    """:func:`block_trace` where the blocks exist and hold fewer entries than ``min(D, P)``, the
+    plain basis's passes; else None."""
+    axis_sizes = getattr(op, "state_shape", ()) or (op.dim,)
+    if op.dim // max(axis_sizes) >= min(op.dim, op.num_params):  # no block basis can be smaller: no need to look
+        return None
+    R = op.trace_blocks()
+    if R is None or R >= min(op.dim, op.num_params):
         return None
     try:
-        return block_trace(op) if op.trace_blocks() is not None else None
+        return block_trace(op)
     except RuntimeError:  # the blocks failed on the way: the plain basis
         return None
 

@@ -128,7 +128,7 @@ def _choose(
             return Method.EXACT, f"dim {n} ≤ budget {num_probes}: the exact kernel is cheaper"
         return Method.HUTCHPP, "only K-matvecs are available (no factor J): Hutch++ is the safe two-sided choice"
     fops = [o for o in ops if isinstance(o, FactoredKernel)]
-    if quantity == "trace" and len(fops) == 1 and (R := fops[0].trace_blocks()) is not None:
+    if quantity == "trace" and len(fops) == 1 and (R := fops[0].trace_blocks()) is not None and R < min(fops[0].dim, fops[0].num_params):
         G = fops[0].dim // R
         if R <= num_probes:
             return Method.EXACT, f"the trace separates over {G} per-example blocks: exact in {R} VJP passes, within the {num_probes}-pass budget"

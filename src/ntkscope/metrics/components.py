@@ -413,10 +413,14 @@ def _per_example_trace(a: FactoredKernel, ctx: RunContext) -> list[Part] | None:
         return None
     G = a.dim // R
     if ctx.m >= R and ctx.fixed:
+        try:
+            value = ex.block_trace(a)
+        except RuntimeError:  # the blocks failed on the way (memory): the plain path
+            return None
         ctx.info.setdefault("variants", []).append(
             f"exact over {G} per-example blocks (the budget, {ctx.m} VJP passes, covers their {R} basis probes)"
         )
-        return [Part.exact(ex.block_trace(a))]
+        return [Part.exact(value)]
     ctx.info.setdefault("variants", []).append(f"per-example blocks: samples Σ_b ‖J_bᵀw_b‖² over {G} examples")
     stream = ctx.stream(a.dim, a.dtype, a.device)
     return [Part.means(est.onesided(a, "vjp", stream.columns, ctx.m, keep=False, chunk_size=ctx.chunk, per_block=True))]

@@ -168,6 +168,7 @@ class Evaluator:
         self.ghost_path = "vmap-reverse+rules+ghost" if ruled_f is not None else "vmap-reverse+ghost"
         self.blocks: GhostNorms | None = None  # every linear layer ghosted, for the per-example blocks
         self.blocks_ok: bool | None = None  # whether they were found (None: not looked for)
+        self._blocks_key: Any = None  # what they were found for: the state's blocks and the parameters' versions
 
     # -- paths ---------------------------------------------------------------------------------
 
@@ -316,16 +317,26 @@ class Evaluator:
                 self.ghost_ok = False
         return self.ghost
 
-    def find_blocks(self, blocks: torch.Tensor, G: int) -> bool:
-        """Whether ``Σ_b ‖J_bᵀv_b‖²`` over the state's blocks (``blocks``: each entry's block) can
-        be had from ghost norms (:meth:`GhostNorms.find_blocks`), looked for once: every analysed
-        parameter in a ghosted layer, every row's cotangent from one block, and one probe on two
-        blocks agreeing with two generic passes (uncounted, like every check)."""
-        if self.blocks_ok is None:
+    def find_blocks(self, blocks: torch.Tensor, G: int, key: Any) -> bool:
+        """Whether ``Σ_b ‖J_bᵀv_b‖²`` over the state's blocks (``blocks``: each entry's block,
+        ``key`` naming them) can be had from ghost norms (:meth:`GhostNorms.find_blocks`): every
+        analysed parameter in a ghosted layer, every row's cotangent from one block, and one probe
+        on two blocks agreeing with two generic passes (uncounted, like every check).  Looked for
+        again when ``key`` or the parameters change (training in place moves an NTK's point, and
+        a ReLU can open a path between examples)."""
+        if self._blocks_key != (key, self._versions()):
             self.blocks_ok = self._find_blocks(blocks, G)
-        return self.blocks_ok
+            self._blocks_key = (key, self._versions())  # after the build: the ghost's fixed values count too
+        return bool(self.blocks_ok)
+
+    def _versions(self) -> tuple[int, ...]:
+        """In-place write counters of the parameters and of the values the blocks' forward reads."""
+        fixed = self.blocks.base.values() if self.blocks is not None else ()
+        return tuple(t._version for t in (*self.primals, *fixed))
 
     def _find_blocks(self, blocks: torch.Tensor, G: int) -> bool:
+        self.ghost_checked.pop("block_sqnorms", None)
+        self.blocks = None
         if self._ghost_factory is None or self.forced["vjp"] or "vjp" in self.broken:
             return False
         try:
@@ -334,7 +345,7 @@ class Evaluator:
                 if g is None or g.free:
                     return False
                 p = g.pullback()
-                if not g.find_blocks(p, blocks, G):
+                if not g.find_blocks(p, blocks, G, step=self.ghost_chunk_size or g.chunk_size or 8):
                     return False
                 gen = torch.Generator().manual_seed(0x626C6B)
                 v = torch.randn(self.dim, generator=gen, dtype=torch.float64).to(device=blocks.device, dtype=self.primals[0].dtype)

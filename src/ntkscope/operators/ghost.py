@@ -208,7 +208,7 @@ class GhostNorms:
 
     # -- per-example blocks ---------------------------------------------------------------------
 
-    def find_blocks(self, p: GhostPass, blocks: torch.Tensor, G: int) -> bool:
+    def find_blocks(self, p: GhostPass, blocks: torch.Tensor, G: int, step: int = 8) -> bool:
         """Whether every ghosted layer's rows each take their cotangent from one block of the
         state only (``blocks``: each state entry's block, ``0 … G−1``), and which; kept for
         :meth:`block_sqnorms`.  Only where every analysed parameter is ghosted (``free`` empty).
@@ -219,7 +219,13 @@ class GhostNorms:
         by one block is nonzero exactly under the halves holding it, which spell its index.  A
         row that is zero under every probe carries no cotangent at all (the check is exact: a
         block's cotangent does not leak into another's rows, even by rounding, unless the model
-        mixes examples — train-mode BatchNorm, attention over the batch)."""
+        mixes examples — train-mode BatchNorm, attention over the batch).  The probes go
+        ``step`` at a time.  Refused too where a block has more rows ``T`` than a layer has
+        inputs: its ``T² · out`` per example would cost more than the weight gradient's
+        ``T · in · out`` (long sequences through a narrow layer).
+
+        The rows' blocks belong to the parameters they were found at (a row dead at one point can
+        carry a cotangent at another): the caller finds them again when the parameters change."""
         self.blocks = None
         if self.free or G < 2:
             return False
@@ -229,12 +235,11 @@ class GhostNorms:
         values = torch.randn(blocks.numel(), generator=gen, dtype=torch.float64).to(device=dev, dtype=self.primals[0].dtype)
         bits = (blocks[None, :] >> torch.arange(L, device=dev)[:, None]) & 1
         probes = torch.cat([values * (bits == 1), values * (bits == 0)])
-        step = self.chunk_size or 8
         masks = [(delta != 0).any(-1) for delta in self._deltas(p, probes[:step])[1]]  # per layer (probes, N)
         for start in range(step, len(probes), step):
             masks = [torch.cat([a, (d != 0).any(-1)]) for a, d in zip(masks, self._deltas(p, probes[start : start + step])[1])]
         found = []
-        for nonzero, X, bias in zip(masks, p.rows, p.bias):
+        for nonzero, X in zip(masks, p.rows):
             on, off = nonzero[:L], nonzero[L:]
             fed = on | off
             live = fed.any(0)
@@ -243,7 +248,10 @@ class GhostNorms:
             block = (on.long() << torch.arange(L, device=dev)[:, None]).sum(0)
             if (block[live] >= G).any():
                 return False
-            found.append(_RowBlocks.of(block, live, X, bias, G))
+            rb = _RowBlocks.of(block, live, G)
+            if rb.order is not None and rb.order.shape[1] > X.shape[1]:
+                return False
+            found.append(rb)
         self.blocks = found
         return True
 
@@ -255,16 +263,21 @@ class GhostNorms:
         assert self.blocks is not None
         m = rows.shape[0]
         _, deltas = self._deltas(p, rows)
+        if p._block_grams is None:  # this pass's inputs: the parameters may have moved since find_blocks
+            p._block_grams = [rb.grams(X, b) for rb, X, b in zip(self.blocks, p.rows, p.bias)]
         total = torch.zeros(m, dtype=torch.float64, device=rows.device)
-        for delta, rb in zip(deltas, self.blocks):
+        for delta, rb, A in zip(deltas, self.blocks, p._block_grams):
             if rb.order is None:  # one live row per block, in block order
-                total += (torch.linalg.vector_norm(delta, dim=-1).square() @ rb.grams.reshape(-1)).to(torch.float64)
+                total += (torch.linalg.vector_norm(delta, dim=-1).square() @ A).to(torch.float64)
                 continue
             d = torch.cat([delta, delta.new_zeros(m, 1, delta.shape[-1])], 1)[:, rb.order]  # (m, G, T, out); pads read the zero row
-            if rb.order.shape[1] == 1:
-                total += (torch.linalg.vector_norm(d[:, :, 0], dim=-1).square() @ rb.grams.reshape(-1)).to(torch.float64)
-            else:
-                total += (torch.matmul(d, d.transpose(-1, -2)).reshape(m, -1) @ rb.grams.reshape(-1)).to(torch.float64)
+            T, out = d.shape[2], d.shape[3]
+            if T == 1:
+                total += (torch.linalg.vector_norm(d[:, :, 0], dim=-1).square() @ A.reshape(-1)).to(torch.float64)
+            elif T <= out:  # the probes' Grams (m, G, T, T) are the smaller block
+                total += (torch.matmul(d, d.transpose(-1, -2)).reshape(m, -1) @ A.reshape(-1)).to(torch.float64)
+            else:  # ⟨Δ_b, A_b Δ_b⟩: no block larger than Δ
+                total += (torch.matmul(A, d) * d).sum((1, 2, 3)).to(torch.float64)
         return total
 
 
@@ -272,20 +285,18 @@ class GhostNorms:
 class _RowBlocks:
     """One layer's rows grouped by the state block their cotangent comes from: ``order``
     (``G × T`` row indices, ``N`` padding to a zero row; None where the rows are the blocks,
-    one each in order) and the diagonal blocks of ``A`` (``G × T × T``)."""
+    one each in order)."""
 
     order: torch.Tensor | None
-    grams: torch.Tensor
 
     @staticmethod
-    def of(block: torch.Tensor, live: torch.Tensor, X: torch.Tensor, bias: bool, G: int) -> _RowBlocks:
-        """From the layer's rows' blocks (``live``: rows with a cotangent) and its input rows ``X``:
-        ``A_b = X_b X_bᵀ (+ 11ᵀ)``, never the whole ``N × N`` ``A``."""
-        N = X.shape[0]
+    def of(block: torch.Tensor, live: torch.Tensor, G: int) -> _RowBlocks:
+        """From each row's block (``live``: rows with a cotangent; the others are left out)."""
+        N = block.shape[0]
+        if N == G and bool(live.all()) and bool((block == torch.arange(G, device=block.device)).all()):
+            return _RowBlocks(None)
         rows = torch.nonzero(live).squeeze(1)
         b = block[rows]
-        if N == G and bool(live.all()) and bool((block == torch.arange(G, device=block.device)).all()):
-            return _RowBlocks(None, X.square().sum(1) + (1 if bias else 0))
         counts = torch.bincount(b, minlength=G)
         T = max(1, int(counts.max()))
         sort = torch.argsort(b, stable=True)
@@ -293,12 +304,20 @@ class _RowBlocks:
         pos = torch.arange(len(rows), device=rows.device) - (torch.cumsum(counts, 0) - counts)[b]
         order = torch.full((G, T), N, dtype=torch.long, device=rows.device)
         order[b, pos] = rows
-        Xb = torch.cat([X, X.new_zeros(1, X.shape[1])])[order]  # (G, T, in); pads are zero rows
-        grams = Xb @ Xb.transpose(1, 2)
+        return _RowBlocks(order)
+
+    def grams(self, X: torch.Tensor, bias: bool) -> torch.Tensor:
+        """The diagonal blocks ``A_b = X_b X_bᵀ (+ 11ᵀ)`` of this pass's ``A`` (``G × T × T``, or
+        ``G`` where the rows are the blocks), never the whole ``N × N`` ``A``."""
+        if self.order is None:
+            return X.square().sum(1) + (1 if bias else 0)
+        N = X.shape[0]
+        Xb = torch.cat([X, X.new_zeros(1, X.shape[1])])[self.order]  # (G, T, in); pads are zero rows
+        A = Xb @ Xb.transpose(1, 2)
         if bias:
-            real = (order < N).to(X.dtype)
-            grams += real[:, :, None] * real[:, None, :]
-        return _RowBlocks(order, grams)
+            real = (self.order < N).to(X.dtype)
+            A += real[:, :, None] * real[:, None, :]
+        return A
 
 
 @dataclass
@@ -312,6 +331,7 @@ class GhostPass:
     bias: list[bool]
     _grams: list[torch.Tensor] | None = None
     _roots: list[torch.Tensor] | None = None
+    _block_grams: list[torch.Tensor] | None = None
 
     @property
     def grams(self) -> list[torch.Tensor]:

@@ -388,20 +388,21 @@ class NTK(FactoredKernel):
         """The state axis of the examples: ``"batch"`` where the axes are named, else the first."""
         axes = tuple(getattr(self, "axes", ()))
         axis = axes.index("batch") if "batch" in axes else 0
-        return axis if self.state_shape[axis] > 1 else None
+        return axis if len(self.state_shape) > axis and self.state_shape[axis] > 1 else None
 
     def trace_blocks(self) -> int | None:
         """``R = D / G`` where the one-sided VJP trace separates over the ``G`` examples of the
         state (its ``"batch"`` axis, else its first): ``tr K = Σ_b tr K_bb``, sampled as
         ``Σ_b ‖J_bᵀv_b‖²`` and exact in ``R`` VJP passes.  That needs every analysed parameter
-        in a ghosted linear layer (:mod:`ntkscope.operators.ghost`) and a model that keeps the
-        examples apart (no train-mode BatchNorm, no attention over the batch), both checked
-        once by uncounted probes; None otherwise."""
+        in a ghosted linear layer (:mod:`ntkscope.operators.ghost`), a model that keeps the
+        examples apart (no train-mode BatchNorm, no attention over the batch), both checked by
+        uncounted probes (again after the parameters change in place), and no example with more
+        rows into a layer than it has inputs; None otherwise."""
         axis = self._example_axis()
         if axis is None:
             return None
         G = self.state_shape[axis]
-        return self.dim // G if self._evaluator.find_blocks(self._example_ids(axis), G) else None
+        return self.dim // G if self._evaluator.find_blocks(self._example_ids(axis), G, (axis, self.state_shape)) else None
 
     def _example_ids(self, axis: int) -> torch.Tensor:
         """Each state entry's example (flat order)."""
