@@ -1,5 +1,5 @@
 """Per-example blocks of the VJP trace (``NTK.trace_blocks``): where every analysed parameter sits
-in a ghosted linear layer and the model keeps its examples apart, ``tr K = Σ_b tr K_bb`` is
+in a ghosted linear layer or a LayerNorm/RMSNorm and the model keeps its examples apart, ``tr K = Σ_b tr K_bb`` is
 sampled as ``Σ_b ‖J_bᵀv_b‖²`` and is exact in ``R = D / G`` passes.  Checked against the dense
 kernel from ``jacrev``: the samples to 1e-10 in float64, their mean and variance over many probes,
 the exact value and its pass count, and the models that must be refused."""
@@ -54,15 +54,38 @@ def _block_reference(K: nk.NTK, V: torch.Tensor) -> torch.Tensor:
     return torch.stack([sum(Vb[j, b] @ Kd[b, :, b, :] @ Vb[j, b] for b in range(G)) for j in range(V.shape[1])])  # type: ignore[misc]
 
 
+class Norm2(nn.Module):
+    """A LayerNorm over two trailing axes between linear layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.n, self.b = nn.Linear(12, 12), nn.LayerNorm((3, 4)), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.n(self.a(x).reshape(*x.shape[:-1], 3, 4))))
+
+
+def _normed(norm: nn.Module) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(12, 16), norm, nn.GELU(), nn.Linear(16, 3))
+
+
 @pytest.mark.parametrize(
     ("make", "x_shape"),
-    [(_mlp, (7, 10)), (Twice, (5, 12)), (Twice, (2, 3, 12))],  # one row per example; two calls; (batch, time, features)
+    [
+        (_mlp, (7, 10)),  # one row per example
+        (Twice, (5, 12)),  # a layer called twice
+        (Twice, (2, 3, 12)),  # (batch, time, features)
+        (lambda: _normed(nn.LayerNorm(16)), (6, 12)),  # LayerNorm's weight and bias: the example's gradients themselves
+        (lambda: _normed(nn.LayerNorm(16, bias=False)), (2, 5, 12)),
+        (lambda: _normed(nn.RMSNorm(16)), (6, 12)),
+        (Norm2, (5, 12)),
+    ],
 )
 def test_block_samples_match_the_dense_kernel(make, x_shape) -> None:  # type: ignore[no-untyped-def]
     torch.manual_seed(0)
     K = nk.NTK(make().double(), torch.randn(*x_shape, dtype=DT))
     R = K.trace_blocks()
-    assert R == K.dim // x_shape[0]
+    assert R == K.dim // x_shape[0] and K._evaluator.blocks is not None and not K._evaluator.blocks.free
     V = torch.randn(K.dim, 5, generator=torch.Generator().manual_seed(1), dtype=DT)
     ref = _block_reference(K, V)
     assert float((K.block_sqnorms(V) - ref).abs().max() / ref.abs().max()) < 1e-10
@@ -120,7 +143,8 @@ def test_block_samples_unbiased_with_the_block_variance() -> None:
     [
         lambda: nn.Sequential(nn.Linear(10, 16), nn.BatchNorm1d(16, affine=False), nn.Linear(16, 3)).train(),  # batch statistics
         Mixes,  # reads another example
-        lambda: nn.Sequential(nn.Linear(10, 16), nn.LayerNorm(16), nn.Linear(16, 3)),  # LayerNorm's own parameters
+        lambda: nn.Sequential(nn.Linear(10, 16), nn.BatchNorm1d(16).eval(), nn.Linear(16, 3)),  # BatchNorm's own parameters
+        lambda: nn.Sequential(nn.Linear(10, 16), nn.PReLU(), nn.Linear(16, 3)),  # PReLU's
     ],
 )
 def test_models_that_mix_examples_or_have_other_parameters_are_refused(make) -> None:  # type: ignore[no-untyped-def]

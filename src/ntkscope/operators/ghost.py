@@ -30,7 +30,10 @@ every analysed parameter is ghosted and each row's cotangent comes from one exam
 example's share of the gradient has the ghost norm ``⟨Δ_b Δ_bᵀ, A_b⟩`` over its own rows, so
 one pass gives ``Σ_b ‖J_bᵀv_b‖²`` — the one-sided trace without cross-example terms, and
 exact in ``D / G`` passes (:meth:`ntkscope.NTK.trace_blocks`).  There every linear layer is
-ghosted, ``N > in`` too: the blocks cost ``T² · out`` per example (``T`` rows each), never ``A``.
+ghosted, ``N > in`` too: the blocks cost ``T² · out`` per example (``T`` rows each), never ``A``;
+and ``nn.LayerNorm``/``nn.RMSNorm`` with their affine parameters are tapped as well: their
+per-example gradients ``Σ_{r∈b} Δ_r ⊙ x̂_r`` (and ``Σ_{r∈b} Δ_r``) are formed directly from the
+normalised rows ``x̂``.
 """
 
 from __future__ import annotations
@@ -79,8 +82,14 @@ def _ghost_forward(module: nn.Module, original: Callable[..., Any], input: Any) 
     finally:
         s.inside = False
     i = len(s.calls)
-    s.calls.append((module._ntkscope_ghost, y.shape, y.numel() // y.shape[-1]))  # type: ignore[arg-type]
-    s.inputs.append(input.detach().reshape(-1, input.shape[-1]))
+    if isinstance(module, _NORMS):  # rows of the normalised input x̂, y = x̂ ⊙ w (+ b) over the trailing `width` numbers
+        width = math.prod(module.normalized_shape)  # type: ignore[arg-type]
+        with torch.no_grad():
+            rows = _primal(module, input.detach(), affine=False).reshape(-1, width)
+    else:
+        width, rows = y.shape[-1], input.detach().reshape(-1, input.shape[-1])
+    s.calls.append((module._ntkscope_ghost, y.shape, y.numel() // width))  # type: ignore[arg-type]
+    s.inputs.append(rows)
     if s.taps:
         if i >= len(s.taps) or s.taps[i].shape != y.shape:
             raise RuntimeError("the ghosted layers were called differently from the recorded forward")
@@ -118,8 +127,9 @@ def _session(s: _Session) -> Iterator[_Session]:
 class _Layer:
     name: str
     calls: list[int]  # indices of its calls in the forward's order
-    out: int
+    out: int  # numbers per row of its output (and of its taps)
     bias: bool
+    norm: bool = False  # an element-wise affine map of normalised rows (LayerNorm, RMSNorm): per-example blocks only
 
 
 class GhostNorms:
@@ -138,6 +148,7 @@ class GhostNorms:
         base: dict[str, torch.Tensor],
         layers: dict[str, tuple[str, str | None]],
         calls: list[tuple[str, torch.Size, int]],
+        norms: frozenset[str] = frozenset(),
     ) -> None:
         self.net, self.call = net, call
         self.names, self.primals, self.base = list(names), tuple(primals), base
@@ -147,7 +158,8 @@ class GhostNorms:
         self.layers: list[_Layer] = []
         for name, (_w, b) in layers.items():
             idx = [i for i, c in enumerate(calls) if c[0] == name]
-            self.layers.append(_Layer(name, idx, calls[idx[0]][1][-1], b is not None))
+            shape, rows = calls[idx[0]][1], calls[idx[0]][2]
+            self.layers.append(_Layer(name, idx, math.prod(shape) // rows, b is not None, name in norms))
         self.names_ghosted = [layer.name for layer in self.layers]
         # one probe's result numbers: the free parameters' gradients and the layers' Δ
         self.probe_numel = sum(self.primals[i].numel() for i in self.free) + sum(math.prod(s) for s in self.tap_shapes)
@@ -239,7 +251,7 @@ class GhostNorms:
         for start in range(step, len(probes), step):
             masks = [torch.cat([a, (d != 0).any(-1)]) for a, d in zip(masks, self._deltas(p, probes[start : start + step])[1])]
         found = []
-        for nonzero, X in zip(masks, p.rows):
+        for nonzero, X, layer in zip(masks, p.rows, self.layers):
             on, off = nonzero[:L], nonzero[L:]
             fed = on | off
             live = fed.any(0)
@@ -249,7 +261,7 @@ class GhostNorms:
             if (block[live] >= G).any():
                 return False
             rb = _RowBlocks.of(block, live, G)
-            if rb.order is not None and rb.order.shape[1] > X.shape[1]:
+            if not layer.norm and rb.order is not None and rb.order.shape[1] > X.shape[1]:
                 return False
             found.append(rb)
         self.blocks = found
@@ -264,9 +276,17 @@ class GhostNorms:
         m = rows.shape[0]
         _, deltas = self._deltas(p, rows)
         if p._block_grams is None:  # this pass's inputs: the parameters may have moved since find_blocks
-            p._block_grams = [rb.grams(X, b) for rb, X, b in zip(self.blocks, p.rows, p.bias)]
+            p._block_grams = [rb.rows(X) if layer.norm else rb.grams(X, b) for rb, X, b, layer in zip(self.blocks, p.rows, p.bias, self.layers)]
         total = torch.zeros(m, dtype=torch.float64, device=rows.device)
-        for delta, rb, A in zip(deltas, self.blocks, p._block_grams):
+        for delta, rb, A, layer in zip(deltas, self.blocks, p._block_grams, self.layers):
+            if layer.norm:  # the example's gradients themselves: Σ_r Δ_r ⊙ x̂_r (weight) and Σ_r Δ_r (bias)
+                d = delta if rb.order is None else torch.cat([delta, delta.new_zeros(m, 1, delta.shape[-1])], 1)[:, rb.order]
+                w = (d * A).sum(2) if rb.order is not None else d * A  # (m, G, width); A: x̂ rows in block order
+                total += torch.linalg.vector_norm(w.reshape(m, -1), dim=1).square().to(torch.float64)
+                if layer.bias:
+                    g = d.sum(2) if rb.order is not None else d
+                    total += torch.linalg.vector_norm(g.reshape(m, -1), dim=1).square().to(torch.float64)
+                continue
             if rb.order is None:  # one live row per block, in block order
                 total += (torch.linalg.vector_norm(delta, dim=-1).square() @ A).to(torch.float64)
                 continue
@@ -306,13 +326,18 @@ class _RowBlocks:
         order[b, pos] = rows
         return _RowBlocks(order)
 
+    def rows(self, X: torch.Tensor) -> torch.Tensor:
+        """``X``'s rows in block order (``G × T × ·``, pads zero; ``X`` itself where the rows are
+        the blocks)."""
+        return X if self.order is None else torch.cat([X, X.new_zeros(1, X.shape[1])])[self.order]
+
     def grams(self, X: torch.Tensor, bias: bool) -> torch.Tensor:
         """The diagonal blocks ``A_b = X_b X_bᵀ (+ 11ᵀ)`` of this pass's ``A`` (``G × T × T``, or
         ``G`` where the rows are the blocks), never the whole ``N × N`` ``A``."""
         if self.order is None:
             return X.square().sum(1) + (1 if bias else 0)
         N = X.shape[0]
-        Xb = torch.cat([X, X.new_zeros(1, X.shape[1])])[self.order]  # (G, T, in); pads are zero rows
+        Xb = self.rows(X)  # (G, T, in); pads are zero rows
         A = Xb @ Xb.transpose(1, 2)
         if bias:
             real = (self.order < N).to(X.dtype)
@@ -354,7 +379,19 @@ def _is_conv1d(m: nn.Module) -> bool:
     return any(c.__name__ == "Conv1D" and c.__module__ == "transformers.pytorch_utils" and type(m).forward is c.forward for c in type(m).__mro__)  # type: ignore[attr-defined]
 
 
-def _primal(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _is_norm(m: nn.Module) -> bool:
+    """``nn.LayerNorm`` or ``nn.RMSNorm`` with its element-wise affine parameters, as written."""
+    return any(isinstance(m, c) and type(m).forward is c.forward for c in _NORMS) and bool(getattr(m, "elementwise_affine", False))
+
+
+_NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
+
+
+def _primal(module: nn.Module, x: torch.Tensor, affine: bool = True) -> torch.Tensor:
+    if isinstance(module, nn.LayerNorm):
+        return F.layer_norm(x, module.normalized_shape, module.weight if affine else None, module.bias if affine else None, module.eps)
+    if hasattr(nn, "RMSNorm") and isinstance(module, nn.RMSNorm):
+        return F.rms_norm(x, module.normalized_shape, module.weight if affine else None, module.eps)
     if isinstance(module, nn.Linear):
         return F.linear(x, module.weight, module.bias)
     # Conv1D, exactly as it computes itself
@@ -391,7 +428,8 @@ def build_ghost(
     for _, p in net.named_parameters(remove_duplicate=False):
         counts[id(p)] = counts.get(id(p), 0) + 1
     layers: dict[str, tuple[str, str | None]] = {}
-    for name, m in _linear_layers(net).items():
+    norms = {n: m for n, m in net.named_modules() if _is_norm(m)} if every else {}  # per-example blocks only
+    for name, m in {**_linear_layers(net), **norms}.items():
         bias = getattr(m, "bias", None)
         w, b = f"{name}.weight" if name else "weight", (f"{name}.bias" if name else "bias") if bias is not None else None
         own = [m.weight] + ([bias] if bias is not None else [])
@@ -430,4 +468,4 @@ def build_ghost(
             m.__class__ = type(m).__mro__[1]
             del m._ntkscope_ghost
     calls = [c for c in sess.calls if c[0] in layers]
-    return GhostNorms(clone, call, names, primals, base, layers, calls)
+    return GhostNorms(clone, call, names, primals, base, layers, calls, frozenset(n for n in norms if n in layers))
