@@ -1,5 +1,5 @@
 """Per-example blocks of the VJP trace (``NTK.trace_blocks``): where every analysed parameter sits
-in a ghosted linear layer or a LayerNorm/RMSNorm and the model keeps its examples apart, ``tr K = Σ_b tr K_bb`` is
+in a ghosted linear layer, a LayerNorm/RMSNorm or a token embedding and the model keeps its examples apart, ``tr K = Σ_b tr K_bb`` is
 sampled as ``Σ_b ‖J_bᵀv_b‖²`` and is exact in ``R = D / G`` passes.  Checked against the dense
 kernel from ``jacrev``: the samples to 1e-10 in float64, their mean and variance over many probes,
 the exact value and its pass count, and the models that must be refused."""
@@ -65,6 +65,29 @@ class Norm2(nn.Module):
         return self.b(torch.tanh(self.n(self.a(x).reshape(*x.shape[:-1], 3, 4))))
 
 
+class Tokens(nn.Module):
+    """Token embeddings (repeated tokens within an example), a LayerNorm and a readout; with
+    ``positions``, position embeddings of ``arange(L)`` broadcast over the batch."""
+
+    def __init__(self, positions: bool = False) -> None:
+        super().__init__()
+        self.tok, self.norm, self.out = nn.Embedding(20, 8), nn.LayerNorm(8), nn.Linear(8, 3)
+        self.pos = nn.Embedding(6, 8) if positions else None
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.tok(ids)
+        if self.pos is not None:
+            h = h + self.pos(torch.arange(ids.shape[-1]))
+        return self.out(torch.tanh(self.norm(h)))
+
+
+def _ids() -> torch.Tensor:
+    ids = torch.randint(0, 20, (4, 6), generator=torch.Generator().manual_seed(0))
+    ids[0, :3] = 5  # a token three times in one example
+    ids[1:, 0] = 5  # and in every other
+    return ids
+
+
 def _normed(norm: nn.Module) -> nn.Sequential:
     return nn.Sequential(nn.Linear(12, 16), norm, nn.GELU(), nn.Linear(16, 3))
 
@@ -79,11 +102,12 @@ def _normed(norm: nn.Module) -> nn.Sequential:
         (lambda: _normed(nn.LayerNorm(16, bias=False)), (2, 5, 12)),
         (lambda: _normed(nn.RMSNorm(16)), (6, 12)),
         (Norm2, (5, 12)),
+        (Tokens, (4, 6)),  # an embedding: the example's cotangents summed per token
     ],
 )
 def test_block_samples_match_the_dense_kernel(make, x_shape) -> None:  # type: ignore[no-untyped-def]
     torch.manual_seed(0)
-    K = nk.NTK(make().double(), torch.randn(*x_shape, dtype=DT))
+    K = nk.NTK(make().double(), _ids() if make is Tokens else torch.randn(*x_shape, dtype=DT))
     R = K.trace_blocks()
     assert R == K.dim // x_shape[0] and K._evaluator.blocks is not None and not K._evaluator.blocks.free
     V = torch.randn(K.dim, 5, generator=torch.Generator().manual_seed(1), dtype=DT)
@@ -145,12 +169,13 @@ def test_block_samples_unbiased_with_the_block_variance() -> None:
         Mixes,  # reads another example
         lambda: nn.Sequential(nn.Linear(10, 16), nn.BatchNorm1d(16).eval(), nn.Linear(16, 3)),  # BatchNorm's own parameters
         lambda: nn.Sequential(nn.Linear(10, 16), nn.PReLU(), nn.Linear(16, 3)),  # PReLU's
+        lambda: Tokens(positions=True),  # position embeddings computed once for the whole batch
     ],
 )
 def test_models_that_mix_examples_or_have_other_parameters_are_refused(make) -> None:  # type: ignore[no-untyped-def]
     torch.manual_seed(4)
     net = make().double()
-    K = nk.NTK(net, torch.randn(7, 10, dtype=DT))
+    K = nk.NTK(net, _ids() if isinstance(net, Tokens) else torch.randn(7, 10, dtype=DT))
     assert K.trace_blocks() is None and "vjp-trace" not in K.paths
     with pytest.raises(RuntimeError, match="per-example blocks"):
         K.block_sqnorms(torch.ones(K.dim, 1, dtype=DT))

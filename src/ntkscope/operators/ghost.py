@@ -31,9 +31,12 @@ example's share of the gradient has the ghost norm ``⟨Δ_b Δ_bᵀ, A_b⟩`` o
 one pass gives ``Σ_b ‖J_bᵀv_b‖²`` — the one-sided trace without cross-example terms, and
 exact in ``D / G`` passes (:meth:`ntkscope.NTK.trace_blocks`).  There every linear layer is
 ghosted, ``N > in`` too: the blocks cost ``T² · out`` per example (``T`` rows each), never ``A``;
-and ``nn.LayerNorm``/``nn.RMSNorm`` with their affine parameters are tapped as well: their
-per-example gradients ``Σ_{r∈b} Δ_r ⊙ x̂_r`` (and ``Σ_{r∈b} Δ_r``) are formed directly from the
-normalised rows ``x̂``.
+``nn.LayerNorm``/``nn.RMSNorm`` with their affine parameters are tapped as well (their
+per-example gradients ``Σ_{r∈b} Δ_r ⊙ x̂_r`` and ``Σ_{r∈b} Δ_r`` are formed directly from the
+normalised rows ``x̂``), and ``nn.Embedding`` (an example's gradient rows are its cotangents
+summed per token: ``N · d`` per probe).  An embedding called once and broadcast over
+the batch (position embeddings of ``arange(L)``) has rows fed by every example, and is refused
+by the probes.
 """
 
 from __future__ import annotations
@@ -86,6 +89,8 @@ def _ghost_forward(module: nn.Module, original: Callable[..., Any], input: Any) 
         width = math.prod(module.normalized_shape)  # type: ignore[arg-type]
         with torch.no_grad():
             rows = _primal(module, input.detach(), affine=False).reshape(-1, width)
+    elif isinstance(module, nn.Embedding):  # each row's token id
+        width, rows = y.shape[-1], input.detach().reshape(-1, 1)
     else:
         width, rows = y.shape[-1], input.detach().reshape(-1, input.shape[-1])
     s.calls.append((module._ntkscope_ghost, y.shape, y.numel() // width))  # type: ignore[arg-type]
@@ -129,7 +134,7 @@ class _Layer:
     calls: list[int]  # indices of its calls in the forward's order
     out: int  # numbers per row of its output (and of its taps)
     bias: bool
-    norm: bool = False  # an element-wise affine map of normalised rows (LayerNorm, RMSNorm): per-example blocks only
+    kind: str = "linear"  # or, for per-example blocks only: "norm" (LayerNorm, RMSNorm), "embedding"
 
 
 class GhostNorms:
@@ -148,8 +153,9 @@ class GhostNorms:
         base: dict[str, torch.Tensor],
         layers: dict[str, tuple[str, str | None]],
         calls: list[tuple[str, torch.Size, int]],
-        norms: frozenset[str] = frozenset(),
+        kinds: dict[str, str] | None = None,
     ) -> None:
+        kinds = kinds or {}
         self.net, self.call = net, call
         self.names, self.primals, self.base = list(names), tuple(primals), base
         ghosted = {p for w, b in layers.values() for p in (w, b) if p is not None}
@@ -159,7 +165,7 @@ class GhostNorms:
         for name, (_w, b) in layers.items():
             idx = [i for i, c in enumerate(calls) if c[0] == name]
             shape, rows = calls[idx[0]][1], calls[idx[0]][2]
-            self.layers.append(_Layer(name, idx, math.prod(shape) // rows, b is not None, name in norms))
+            self.layers.append(_Layer(name, idx, math.prod(shape) // rows, b is not None, kinds.get(name, "linear")))
         self.names_ghosted = [layer.name for layer in self.layers]
         # one probe's result numbers: the free parameters' gradients and the layers' Δ
         self.probe_numel = sum(self.primals[i].numel() for i in self.free) + sum(math.prod(s) for s in self.tap_shapes)
@@ -184,7 +190,8 @@ class GhostNorms:
 
         pull = vjp(fn, *free, *taps)[1]
         acc = torch.float32 if dtype not in (torch.float32, torch.float64) else dtype
-        rows = [torch.cat([inputs[i] for i in layer.calls]).to(acc) for layer in self.layers]
+        rows = [torch.cat([inputs[i] for i in layer.calls]) for layer in self.layers]
+        rows = [X if layer.kind == "embedding" else X.to(acc) for X, layer in zip(rows, self.layers)]  # token ids stay integers
         return GhostPass(pull, rows, [layer.bias for layer in self.layers])
 
     def _deltas(self, p: GhostPass, rows: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -193,9 +200,10 @@ class GhostNorms:
         parts = vmap(p.pull)(rows)
         k = len(self.free)
         deltas = []
-        for layer, X in zip(self.layers, p.rows):
+        acc = torch.float32 if rows.dtype not in (torch.float32, torch.float64) else rows.dtype
+        for layer in self.layers:
             blocks = [parts[k + i].reshape(m, -1, layer.out) for i in layer.calls]
-            deltas.append((blocks[0] if len(blocks) == 1 else torch.cat(blocks, 1)).to(X.dtype))
+            deltas.append((blocks[0] if len(blocks) == 1 else torch.cat(blocks, 1)).to(acc))
         return [g.reshape(m, -1) for g in parts[:k]], deltas
 
     def sqnorms(self, p: GhostPass, rows: torch.Tensor) -> torch.Tensor:
@@ -261,7 +269,7 @@ class GhostNorms:
             if (block[live] >= G).any():
                 return False
             rb = _RowBlocks.of(block, live, G)
-            if not layer.norm and rb.order is not None and rb.order.shape[1] > X.shape[1]:
+            if layer.kind == "linear" and rb.order is not None and rb.order.shape[1] > X.shape[1]:
                 return False
             found.append(rb)
         self.blocks = found
@@ -276,10 +284,17 @@ class GhostNorms:
         m = rows.shape[0]
         _, deltas = self._deltas(p, rows)
         if p._block_grams is None:  # this pass's inputs: the parameters may have moved since find_blocks
-            p._block_grams = [rb.rows(X) if layer.norm else rb.grams(X, b) for rb, X, b, layer in zip(self.blocks, p.rows, p.bias, self.layers)]
+            p._block_grams = [
+                rb.rows(X) if layer.kind == "norm" else rb.segments(X) if layer.kind == "embedding" else rb.grams(X, b)
+                for rb, X, b, layer in zip(self.blocks, p.rows, p.bias, self.layers)
+            ]
         total = torch.zeros(m, dtype=torch.float64, device=rows.device)
         for delta, rb, A, layer in zip(deltas, self.blocks, p._block_grams, self.layers):
-            if layer.norm:  # the example's gradients themselves: Σ_r Δ_r ⊙ x̂_r (weight) and Σ_r Δ_r (bias)
+            if layer.kind == "embedding":  # the examples' gradient rows: cotangents summed per (example, token)
+                rows_b = delta.new_zeros(m, int(A.max()) + 1, delta.shape[-1]).index_add_(1, A, delta)
+                total += torch.linalg.vector_norm(rows_b.reshape(m, -1), dim=1).square().to(torch.float64)
+                continue
+            if layer.kind == "norm":  # the example's gradients themselves: Σ_r Δ_r ⊙ x̂_r (weight) and Σ_r Δ_r (bias)
                 d = delta if rb.order is None else torch.cat([delta, delta.new_zeros(m, 1, delta.shape[-1])], 1)[:, rb.order]
                 w = (d * A).sum(2) if rb.order is not None else d * A  # (m, G, width); A: x̂ rows in block order
                 total += torch.linalg.vector_norm(w.reshape(m, -1), dim=1).square().to(torch.float64)
@@ -331,6 +346,20 @@ class _RowBlocks:
         the blocks)."""
         return X if self.order is None else torch.cat([X, X.new_zeros(1, X.shape[1])])[self.order]
 
+    def segments(self, ids: torch.Tensor) -> torch.Tensor:
+        """An embedding's rows numbered by (example, token): rows of one example holding the same
+        token share a number, so summing the cotangents per number gives every example's
+        gradient rows (``ids``: the token ids, ``N × 1``)."""
+        tok = ids[:, 0]
+        N = tok.shape[0]
+        block = torch.full((N + 1,), -1, dtype=torch.long, device=tok.device)
+        if self.order is None:
+            block[:N] = torch.arange(N, device=tok.device)
+        else:
+            block[self.order] = torch.arange(self.order.shape[0], device=tok.device)[:, None].expand_as(self.order)
+        key = (block[:N] + 1) * (int(tok.max()) + 1) + tok  # rows without a cotangent (block -1) carry zeros
+        return torch.unique(key, return_inverse=True)[1]
+
     def grams(self, X: torch.Tensor, bias: bool) -> torch.Tensor:
         """The diagonal blocks ``A_b = X_b X_bᵀ (+ 11ᵀ)`` of this pass's ``A`` (``G × T × T``, or
         ``G`` where the rows are the blocks), never the whole ``N × N`` ``A``."""
@@ -379,6 +408,21 @@ def _is_conv1d(m: nn.Module) -> bool:
     return any(c.__name__ == "Conv1D" and c.__module__ == "transformers.pytorch_utils" and type(m).forward is c.forward for c in type(m).__mro__)  # type: ignore[attr-defined]
 
 
+def _is_embedding(m: nn.Module) -> bool:
+    """``nn.Embedding`` as written, whose rows' gradients are the cotangents scattered by token
+    (not renormalised by ``max_norm``, not scaled by the batch's token counts, not sparse; one
+    with a ``padding_idx`` runs as :func:`ntkscope.operators.rules.analysis_copy` rewrites it, and
+    stays out)."""
+    return (
+        isinstance(m, nn.Embedding)
+        and type(m).forward is nn.Embedding.forward
+        and m.max_norm is None
+        and not m.scale_grad_by_freq
+        and not m.sparse
+        and m.padding_idx is None
+    )
+
+
 def _is_norm(m: nn.Module) -> bool:
     """``nn.LayerNorm`` or ``nn.RMSNorm`` with its element-wise affine parameters, as written."""
     return any(isinstance(m, c) and type(m).forward is c.forward for c in _NORMS) and bool(getattr(m, "elementwise_affine", False))
@@ -388,6 +432,8 @@ _NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, *((nn.RMSNorm,) if hasattr(
 
 
 def _primal(module: nn.Module, x: torch.Tensor, affine: bool = True) -> torch.Tensor:
+    if isinstance(module, nn.Embedding):
+        return F.embedding(x, module.weight)
     if isinstance(module, nn.LayerNorm):
         return F.layer_norm(x, module.normalized_shape, module.weight if affine else None, module.bias if affine else None, module.eps)
     if hasattr(nn, "RMSNorm") and isinstance(module, nn.RMSNorm):
@@ -428,8 +474,9 @@ def build_ghost(
     for _, p in net.named_parameters(remove_duplicate=False):
         counts[id(p)] = counts.get(id(p), 0) + 1
     layers: dict[str, tuple[str, str | None]] = {}
-    norms = {n: m for n, m in net.named_modules() if _is_norm(m)} if every else {}  # per-example blocks only
-    for name, m in {**_linear_layers(net), **norms}.items():
+    # per-example blocks only: norms and embeddings
+    kinds = {n: "norm" if _is_norm(m) else "embedding" for n, m in net.named_modules() if every and (_is_norm(m) or _is_embedding(m))}
+    for name, m in {**_linear_layers(net), **{n: net.get_submodule(n) for n in kinds}}.items():
         bias = getattr(m, "bias", None)
         w, b = f"{name}.weight" if name else "weight", (f"{name}.bias" if name else "bias") if bias is not None else None
         own = [m.weight] + ([bias] if bias is not None else [])
@@ -468,4 +515,4 @@ def build_ghost(
             m.__class__ = type(m).__mro__[1]
             del m._ntkscope_ghost
     calls = [c for c in sess.calls if c[0] in layers]
-    return GhostNorms(clone, call, names, primals, base, layers, calls, frozenset(n for n in norms if n in layers))
+    return GhostNorms(clone, call, names, primals, base, layers, calls, {n: k for n, k in kinds.items() if n in layers})

@@ -394,7 +394,7 @@ class NTK(FactoredKernel):
         """``R = D / G`` where the one-sided VJP trace separates over the ``G`` examples of the
         state (its ``"batch"`` axis, else its first): ``tr K = Σ_b tr K_bb``, sampled as
         ``Σ_b ‖J_bᵀv_b‖²`` and exact in ``R`` VJP passes.  That needs every analysed parameter
-        in a ghosted linear layer or a LayerNorm/RMSNorm (:mod:`ntkscope.operators.ghost`), a model that keeps the
+        in a ghosted linear layer, a LayerNorm/RMSNorm or an embedding (:mod:`ntkscope.operators.ghost`), a model that keeps the
         examples apart (no train-mode BatchNorm, no attention over the batch), both checked by
         uncounted probes (again after the parameters change in place), and no example with more
         rows into a layer than it has inputs; None otherwise."""
