@@ -284,3 +284,27 @@ def test_long_examples_scalar_states_and_costly_blocks_take_the_plain_path() -> 
     S = nk.NTK(Sum().double(), torch.randn(4, 8, dtype=DT))
     assert S.state_shape == () and S.trace_blocks() is None
     assert nk.trace(S, method="exact").value == pytest.approx(float(ex.kernel(S).trace()), rel=1e-12)
+
+
+def test_blocks_follow_data_writes_and_inputs_written_in_place() -> None:
+    """``p.data`` writes (manual SGD, loading weights) bump no version counter, and inputs written
+    in place are read live: the blocks' key is the values themselves (both gave a wrong "exact"
+    trace from blocks found when every unit of a layer was dead)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.LayerNorm(6), nn.Linear(6, 2)).double()
+    with torch.no_grad():
+        net[0].bias.fill_(-100.0)  # every hidden unit dead
+    X = torch.randn(6, 4, dtype=DT)
+    K = nk.NTK(net, X)
+    assert nk.trace(K, method="exact").vjp_passes == 2
+    net[0].bias.data.fill_(1.0)
+    assert nk.trace(K, method="exact").value == pytest.approx(float(ex.kernel(nk.NTK(net, X, ghost=False)).trace()), rel=1e-12)
+    X.copy_(torch.randn(6, 4, dtype=DT) - 3.0)  # a new batch in the same buffer
+    assert nk.trace(K, method="exact").value == pytest.approx(float(ex.kernel(nk.NTK(net, X.clone(), ghost=False)).trace()), rel=1e-12)
+
+
+def test_a_tolerance_takes_the_exact_trace_when_the_first_round_costs_as_much() -> None:
+    torch.manual_seed(1)
+    K = nk.NTK(_mlp(out=5).double(), torch.randn(8, 10, dtype=DT))
+    e = nk.trace(K, method="vjp", rtol=0.05, seed=0)  # R = 5 passes, below the first round's 32
+    assert e.exact and e.vjp_passes == 5 and e.info["adaptive"]["stop"] == "the exact value cost less than the first round"

@@ -442,15 +442,14 @@ class ShardedNTK(FactoredKernel):
 
     def trace_blocks(self) -> int | None:
         """The local kernels' ``R`` where every rank finds per-example blocks of the same size on
-        its state's first axis (the one the shards stack along); collective, once."""
-        if not hasattr(self, "_blocks"):
-            local = self.local
-            first = getattr(local, "_example_axis", lambda: None)() == 0 and len(self.state_shape) == len(getattr(local, "state_shape", ()))
-            mine = local.trace_blocks() if first else None
-            every: list[Any] = [None] * len(self.shard_dims)
-            dist.all_gather_object(every, mine, group=self.group)
-            self._blocks: int | None = every[0] if every[0] is not None and all(r == every[0] for r in every) else None
-        return self._blocks
+        its state's first axis (the one the shards stack along); collective, on every call (the
+        local kernels look again when their parameters change)."""
+        local = self.local
+        first = getattr(local, "_example_axis", lambda: None)() == 0 and len(self.state_shape) == len(getattr(local, "state_shape", ()))
+        mine = local.trace_blocks() if first else None
+        every: list[Any] = [None] * len(self.shard_dims)
+        dist.all_gather_object(every, mine, group=self.group)
+        return every[0] if every[0] is not None and all(r == every[0] for r in every) else None
 
     def block_sqnorms(self, X: torch.Tensor) -> torch.Tensor:
         """``Σ_b ‖J_bᵀx_b‖²`` over every rank's examples: the local sums, all-reduced."""

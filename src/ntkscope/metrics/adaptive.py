@@ -202,13 +202,18 @@ def drive(
     ``max_growth`` caps the growth factor per round (2 — doubling — for Hutch++ and XTrace, whose
     error can fall faster than 1/√m, so the 1/√m prediction would overshoot).  With ``exact``
     (a function returning the exact value) and its cost ``exact_passes``, a round whose new
-    passes would cost at least as much as the exact value runs ``exact`` instead.
+    passes would cost at least as much as the exact value runs ``exact`` instead, the first
+    round included.
     ``incremental=False`` (Hutch++, XTrace: a larger sketch needs its products afresh): a round
     of m probes may cost ``probe_cost · m`` passes, whatever earlier rounds computed.
     """
     want_tol = rtol is not None or atol is not None
     m = m0 if max_probes is None else min(m0, max_probes)
     history: list[dict[str, float]] = []
+    if exact is not None and exact_passes is not None and want_tol and probe_cost and m * probe_cost >= exact_passes:
+        value, se, payload = exact()  # the first round alone would cost as much (a trace over per-example blocks)
+        history.append({"num_probes": 0, "value": value, "stderr": 0.0, "passes": passes(), "tol": 0.0})
+        return AdaptiveResult(value, se, payload, 0, True, history, "the exact value cost less than the first round")
     prev_m, prev_passes = 0, 0
     while True:
         value, se, payload = run(m)

@@ -319,20 +319,21 @@ class Evaluator:
 
     def find_blocks(self, blocks: torch.Tensor, G: int, key: Any) -> bool:
         """Whether ``Σ_b ‖J_bᵀv_b‖²`` over the state's blocks (``blocks``: each entry's block,
-        ``key`` naming them) can be had from ghost norms (:meth:`GhostNorms.find_blocks`): every
-        analysed parameter in a ghosted layer, every row's cotangent from one block, and one probe
-        on two blocks agreeing with two generic passes (uncounted, like every check).  Looked for
-        again when ``key`` or the parameters change (training in place moves an NTK's point, and
-        a ReLU can open a path between examples)."""
-        if self._blocks_key != (key, self._versions()):
+        ``key`` naming them and the inputs) can be had from ghost norms
+        (:meth:`GhostNorms.find_blocks`): every analysed parameter in a ghosted layer, every row's
+        cotangent from one block, and one probe on two blocks agreeing with two generic passes
+        (uncounted, like every check).  Looked for again when ``key`` or the parameters' values
+        change (training in place moves an NTK's point, and a ReLU can open a path between
+        examples); values, not write counters, since ``p.data`` writes bump none."""
+        if self._blocks_key != (key, self._fingerprint()):
             self.blocks_ok = self._find_blocks(blocks, G)
-            self._blocks_key = (key, self._versions())  # after the build: the ghost's fixed values count too
+            self._blocks_key = (key, self._fingerprint())  # after the build: the ghost's fixed values count too
         return bool(self.blocks_ok)
 
-    def _versions(self) -> tuple[int, ...]:
-        """In-place write counters of the parameters and of the values the blocks' forward reads."""
+    def _fingerprint(self) -> tuple[int, ...]:
+        """The parameters' and the blocks' fixed values, bit for bit (:func:`fingerprint`)."""
         fixed = self.blocks.base.values() if self.blocks is not None else ()
-        return tuple(t._version for t in (*self.primals, *fixed))
+        return fingerprint((*self.primals, *fixed))
 
     def _find_blocks(self, blocks: torch.Tensor, G: int) -> bool:
         self.ghost_checked.pop("block_sqnorms", None)
@@ -403,6 +404,19 @@ class Evaluator:
             V = self.run("vjp", rows).to(torch.float64)
             ref, got = V @ V.T, got.to(torch.float64) @ got.to(torch.float64).T
         return agrees(got, ref, rows.dtype)
+
+
+def fingerprint(ts: Sequence[torch.Tensor]) -> tuple[int, ...]:
+    """Two sums of each tensor's bits, one weighted by position: any write changes them but for
+    a collision (one pass over the numbers, no copy kept)."""
+    out = []
+    for t in ts:
+        bits = t.detach().reshape(-1)
+        if bits.is_floating_point() or bits.is_complex():
+            bits = bits.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[bits.element_size()])
+        bits = bits.to(torch.int64)
+        out += [int(bits.sum()), int((bits * torch.arange(1, bits.numel() + 1, device=bits.device)).sum())]
+    return tuple(out)
 
 
 def no_path_message(mode: str, errors: list[str]) -> str:

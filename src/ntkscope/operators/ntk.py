@@ -16,7 +16,7 @@ from torch.func import functional_call
 from ..core.memory import _MAX_AUTO_CHUNK, chunk_budget_bytes, reusable_block_bytes
 from . import rules as _rules
 from .base import FactoredKernel, _as_block, _DenseFactor
-from .evaluators import Evaluator, quiet
+from .evaluators import Evaluator, fingerprint, quiet
 from .ghost import GhostNorms, build_ghost
 from .modules import (
     OutputError,
@@ -402,7 +402,8 @@ class NTK(FactoredKernel):
         if axis is None:
             return None
         G = self.state_shape[axis]
-        return self.dim // G if self._evaluator.find_blocks(self._example_ids(axis), G, (axis, self.state_shape)) else None
+        key = (axis, self.state_shape, fingerprint(tensors(self.inputs)))  # the inputs are read live too
+        return self.dim // G if self._evaluator.find_blocks(self._example_ids(axis), G, key) else None
 
     def _example_ids(self, axis: int) -> torch.Tensor:
         """Each state entry's example (flat order)."""
