@@ -168,7 +168,8 @@ class Evaluator:
         self.ghost_path = "vmap-reverse+rules+ghost" if ruled_f is not None else "vmap-reverse+ghost"
         self.blocks: GhostNorms | None = None  # every linear layer ghosted, for the per-example blocks
         self.blocks_ok: bool | None = None  # whether they were found (None: not looked for)
-        self._blocks_key: Any = None  # what they were found for: the state's blocks and the parameters' versions
+        self._blocks_key: Any = None  # what they were found for: the state's blocks and the values' fingerprints
+        self._blocks_never = False  # the model's layers rule them out, whatever the values
 
     # -- paths ---------------------------------------------------------------------------------
 
@@ -317,33 +318,49 @@ class Evaluator:
                 self.ghost_ok = False
         return self.ghost
 
-    def find_blocks(self, blocks: torch.Tensor, G: int, key: Any) -> bool:
+    def find_blocks(self, blocks: torch.Tensor, G: int, key: Any, inputs: Sequence[torch.Tensor] = ()) -> bool:
         """Whether ``Σ_b ‖J_bᵀv_b‖²`` over the state's blocks (``blocks``: each entry's block,
-        ``key`` naming them and the inputs) can be had from ghost norms
+        ``key`` naming them; ``inputs``, read live too) can be had from ghost norms
         (:meth:`GhostNorms.find_blocks`): every analysed parameter in a ghosted layer, every row's
         cotangent from one block, and one probe on two blocks agreeing with two generic passes
         (uncounted, like every check).  Looked for again when ``key`` or the parameters' values
         change (training in place moves an NTK's point, and a ReLU can open a path between
         examples); values, not write counters, since ``p.data`` writes bump none."""
-        if self._blocks_key != (key, self._fingerprint()):
+        if self._blocks_never:  # no analysed parameter set can change that: no fingerprints to take
+            return False
+        shared = scope_cache()  # the chunks of one call: the values cannot change in between
+        if shared is not None and shared.get(("blocks", self)) == key:
+            return bool(self.blocks_ok)
+        if self._blocks_key != (key, self._fingerprint(inputs)):
             self.blocks_ok = self._find_blocks(blocks, G)
-            self._blocks_key = (key, self._fingerprint())  # after the build: the ghost's fixed values count too
+            self._blocks_key = (key, self._fingerprint(inputs))  # after the build: the ghost's fixed values count too
+        if shared is not None:
+            shared[("blocks", self)] = key
         return bool(self.blocks_ok)
 
-    def _fingerprint(self) -> tuple[int, ...]:
-        """The parameters' and the blocks' fixed values, bit for bit (:func:`fingerprint`)."""
+    @property
+    def blocks_ruled_out(self) -> bool:
+        """Whether the model's layers rule per-example blocks out, whatever the values."""
+        return self._blocks_never
+
+    def _fingerprint(self, inputs: Sequence[torch.Tensor]) -> tuple[int, ...]:
+        """The parameters', the blocks' fixed values and ``inputs``, bit for bit (:func:`fingerprint`)."""
         fixed = self.blocks.base.values() if self.blocks is not None else ()
-        return fingerprint((*self.primals, *fixed))
+        return fingerprint((*self.primals, *fixed, *inputs))
 
     def _find_blocks(self, blocks: torch.Tensor, G: int) -> bool:
         self.ghost_checked.pop("block_sqnorms", None)
         self.blocks = None
-        if self._ghost_factory is None or self.forced["vjp"] or "vjp" in self.broken:
+        if self._ghost_factory is None or self.forced["vjp"]:
+            self._blocks_never = True
+            return False
+        if "vjp" in self.broken:
             return False
         try:
             with quiet(), math_attention():
                 g = self.blocks = self._ghost_factory(self.primals, every=True)
-                if g is None or g.free:
+                if g is None or g.free:  # a parameter outside the supported layers
+                    self._blocks_never = True
                     return False
                 p = g.pullback()
                 if not g.find_blocks(p, blocks, G, step=self.ghost_chunk_size or g.chunk_size or 8):
@@ -406,16 +423,20 @@ class Evaluator:
         return agrees(got, ref, rows.dtype)
 
 
-def fingerprint(ts: Sequence[torch.Tensor]) -> tuple[int, ...]:
+def fingerprint(ts: Sequence[torch.Tensor], piece: int = 1 << 22) -> tuple[int, ...]:
     """Two sums of each tensor's bits, one weighted by position: any write changes them but for
-    a collision (one pass over the numbers, no copy kept)."""
+    a collision.  One pass over the numbers, ``piece`` at a time (no copy of a large model)."""
     out = []
     for t in ts:
-        bits = t.detach().reshape(-1)
-        if bits.is_floating_point() or bits.is_complex():
-            bits = bits.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[bits.element_size()])
-        bits = bits.to(torch.int64)
-        out += [int(bits.sum()), int((bits * torch.arange(1, bits.numel() + 1, device=bits.device)).sum())]
+        flat = t.detach().reshape(-1)
+        if flat.is_floating_point() or flat.is_complex():
+            flat = flat.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()])
+        plain = weighted = 0
+        for s in range(0, flat.numel(), piece):
+            bits = flat[s : s + piece].to(torch.int64)
+            plain += int(bits.sum())
+            weighted += int((bits * torch.arange(s + 1, s + 1 + bits.numel(), device=bits.device)).sum())
+        out += [plain, weighted]
     return tuple(out)
 
 

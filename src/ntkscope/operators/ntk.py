@@ -16,7 +16,7 @@ from torch.func import functional_call
 from ..core.memory import _MAX_AUTO_CHUNK, chunk_budget_bytes, reusable_block_bytes
 from . import rules as _rules
 from .base import FactoredKernel, _as_block, _DenseFactor
-from .evaluators import Evaluator, fingerprint, quiet
+from .evaluators import Evaluator, quiet
 from .ghost import GhostNorms, build_ghost
 from .modules import (
     OutputError,
@@ -396,20 +396,23 @@ class NTK(FactoredKernel):
         ``Σ_b ‖J_bᵀv_b‖²`` and exact in ``R`` VJP passes.  That needs every analysed parameter
         in a ghosted linear layer, a LayerNorm/RMSNorm or an embedding (:mod:`ntkscope.operators.ghost`), a model that keeps the
         examples apart (no train-mode BatchNorm, no attention over the batch), both checked by
-        uncounted probes (again after the parameters change in place), and no example with more
+        uncounted probes (again when the values of the parameters or inputs change), and no example with more
         rows into a layer than it has inputs; None otherwise."""
         axis = self._example_axis()
-        if axis is None:
+        if axis is None or self._evaluator.blocks_ruled_out:
             return None
         G = self.state_shape[axis]
-        key = (axis, self.state_shape, fingerprint(tensors(self.inputs)))  # the inputs are read live too
-        return self.dim // G if self._evaluator.find_blocks(self._example_ids(axis), G, key) else None
+        found = self._evaluator.find_blocks(self._example_ids(axis), G, (axis, self.state_shape), tensors(self.inputs))
+        return self.dim // G if found else None
 
     def _example_ids(self, axis: int) -> torch.Tensor:
-        """Each state entry's example (flat order)."""
-        shape = self.state_shape
-        ids = torch.arange(shape[axis], device=self.device).reshape([-1 if i == axis else 1 for i in range(len(shape))])
-        return ids.expand(shape).reshape(-1)
+        """Each state entry's example (flat order), kept per axis."""
+        cache: dict[int, torch.Tensor] = self.__dict__.setdefault("_example_ids_cache", {})
+        if axis not in cache:
+            shape = self.state_shape
+            ids = torch.arange(shape[axis], device=self.device).reshape([-1 if i == axis else 1 for i in range(len(shape))])
+            cache[axis] = ids.expand(shape).reshape(-1)
+        return cache[axis]
 
     def block_sqnorms(self, X: torch.Tensor) -> torch.Tensor:
         if self.trace_blocks() is None:
