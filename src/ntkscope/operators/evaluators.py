@@ -331,6 +331,8 @@ class Evaluator:
         shared = scope_cache()  # the chunks of one call: the values cannot change in between
         if shared is not None and shared.get(("blocks", self)) == key:
             return bool(self.blocks_ok)
+        if not self.blocks_ok and self._blocks_key is not None and self._blocks_key[0] == key:
+            return False  # refused for these blocks before: a refusal is never wrong, so no fingerprint to take
         if self._blocks_key != (key, self._fingerprint(inputs)):
             self.blocks_ok = self._find_blocks(blocks, G)
             self._blocks_key = (key, self._fingerprint(inputs))  # after the build: the ghost's fixed values count too
