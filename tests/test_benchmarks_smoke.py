@@ -116,3 +116,17 @@ def test_ghost_benchmark_smoke(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads((tmp_path / "ghost_quick.json").read_text())["rows"]
     assert rows and all(row["agree"] and row["ghosted"] == 3 and row["width"] < row["P"] for row in rows)
+
+
+def test_gpu_benchmark_quick_runs_on_cpu(tmp_path: Path) -> None:
+    """benchmarks/gpu.py (the engine table on CUDA, float32 and bfloat16) runs its quick sizes on
+    the CPU and writes both tables: it failed writing its results (``engine.json``) before a GPU
+    was ever lent to run it."""
+    import subprocess
+
+    r = subprocess.run([sys.executable, str(BENCH / "gpu.py"), "--quick", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for dtype in ("float32", "bfloat16"):
+        rows = json.loads((tmp_path / f"engine_quick_cpu_{dtype}.json").read_text())["rows"]
+        assert rows and all(row["ours_s"] > 0 and row["bare_s"] > 0 for row in rows)
+        assert "ours ÷ bare" in (tmp_path / f"engine_quick_cpu_{dtype}.md").read_text()
