@@ -57,7 +57,7 @@ def main() -> None:
         K = nk.NTK(model, x, output=0, chunk_size=a.chunk)
     else:
         model, x = C.mlp_setting(n=s[0], d_in=100, width=s[1], layers=s[2])
-        K = nk.NTK(model, x, chunk_size=a.chunk)
+        K = nk.NTK(model, x, chunk_size=a.chunk, ghost=False)  # the paper's ‖Jᵀv‖² samples, not per-example blocks
     base = rss_mib()
     method = a.method or ("jvp" if K.num_params < K.dim else "vjp")
     nk.trace(K, method=method, num_probes=2, seed=1)  # warm-up: path check, first forward-mode call
