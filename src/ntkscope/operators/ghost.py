@@ -277,9 +277,10 @@ class GhostNorms:
 
     def block_sqnorms(self, p: GhostPass, rows: torch.Tensor) -> torch.Tensor:
         """``Σ_b ‖J_bᵀv_b‖²`` (float64) of a chunk of probe rows, ``J_b`` the rows of J of block
-        ``b``: each layer's ``Σ_b ⟨Δ_b Δ_bᵀ, A_b⟩`` over its blocks' rows (:meth:`find_blocks`),
-        ``G · T² · out`` multiply-adds per probe for ``T`` rows per block; one row per block
-        (an MLP) costs ``‖δ_r‖²`` per row."""
+        ``b``: each linear layer's ``Σ_b ⟨Δ_b Δ_bᵀ, A_b⟩`` over its blocks' rows
+        (:meth:`find_blocks`), ``G · T² · out`` multiply-adds per probe for ``T`` rows per block
+        (one row per block, an MLP: ``‖δ_r‖²`` per row); each norm's and embedding's per-example
+        gradients formed directly, ``N · width`` per probe."""
         assert self.blocks is not None
         m = rows.shape[0]
         _, deltas = self._deltas(p, rows)
