@@ -53,8 +53,11 @@ def test_training_png(tmp_path: Path) -> None:
         }
         for s in range(0, 30, 5)
     ]
+    for r in rows:
+        r["kernel_alignment_stderr"] = 0.0  # exact rows: the panel says so, the method column cannot
     fig = plot.training(rows, path=tmp_path / "new" / "dir" / "r.png")  # made, as `track --out` makes its own
     assert len([a for a in fig.axes if a.get_visible()]) == 3
+    assert [a.get_title() for a in fig.axes if a.get_visible()] == ["", "", "exact at every step (stderr 0)"]
     _png(tmp_path / "new" / "dir" / "r.png")
     with pytest.raises(ValueError, match="not in the rows"):
         plot.training(rows, ["trace"])
