@@ -39,7 +39,24 @@ __all__ = [
     "all_cases",
     "reference_jacobian",
     "gru_loop_fn",
+    "Twice",
 ]
+
+
+class Twice(nn.Module):
+    """One linear layer called twice (parameter sharing: two rows per example in its Gram), a
+    residual and a bias-free layer (the ghost-norm and per-example-block tests)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(12, 16)
+        self.shared = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inp(x))
+        h = h + torch.tanh(self.shared(h))
+        return self.out(torch.tanh(self.shared(h)))
 
 
 @dataclass

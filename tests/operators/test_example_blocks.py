@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import ntkscope as nk
+from model_zoo import Twice
 from ntkscope.estimators import exact as ex
 from ntkscope.estimators.onesided import onesided
 
@@ -19,19 +20,6 @@ DT = torch.float64
 
 def _mlp(out: int = 3) -> nn.Sequential:
     return nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, out))
-
-
-class Twice(nn.Module):
-    """A layer called twice per example (two rows per example in its Gram) and a residual."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.inp, self.shared, self.out = nn.Linear(12, 16), nn.Linear(16, 16), nn.Linear(16, 3, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.tanh(self.inp(x))
-        h = h + torch.tanh(self.shared(h))
-        return self.out(torch.tanh(self.shared(h)))
 
 
 class Mixes(nn.Module):

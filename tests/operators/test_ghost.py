@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import ntkscope as nk
+from model_zoo import Twice
 
 DT = torch.float64
 
@@ -20,21 +21,6 @@ def _rel_sqnorms(model: nn.Module, inputs, m: int = 6, **kw) -> tuple[float, nk.
     a, b = K.sqnorms("vjp", V), Kg.sqnorms("vjp", V)
     assert "vjp-norms" not in Kg.paths
     return float((a - b).abs().max() / b.abs().max()), K
-
-
-class Twice(nn.Module):
-    """One linear layer called twice (parameter sharing), a residual and a bias-free layer."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.inp = nn.Linear(12, 16)
-        self.shared = nn.Linear(16, 16)
-        self.out = nn.Linear(16, 3, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.tanh(self.inp(x))
-        h = h + torch.tanh(self.shared(h))
-        return self.out(torch.tanh(self.shared(h)))
 
 
 class ReadsWeight(nn.Module):

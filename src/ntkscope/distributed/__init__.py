@@ -69,7 +69,7 @@ import contextvars
 import datetime
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +77,7 @@ import torch
 import torch.distributed as dist
 
 from ..core import executor
+from ..core.memory import scope_cache
 from ..core.probes import BLOCK
 from ..operators.base import FactoredKernel
 from ..operators.ntk import NTK
@@ -442,54 +443,55 @@ class ShardedNTK(FactoredKernel):
 
     def trace_blocks(self) -> int | None:
         """The local kernels' ``R`` where every rank finds per-example blocks of the same size on
-        its state's first axis (the one the shards stack along); collective, on every call (the
-        local kernels look again when their parameters change)."""
+        its state's first axis (the one the shards stack along); collective, once per call (the
+        local kernels look again when their values change; the chunks of one call share it)."""
+        shared = scope_cache()
+        if shared is not None and ("blocks", self) in shared:
+            return shared[("blocks", self)]  # type: ignore[return-value]
         local = self.local
         first = getattr(local, "_example_axis", lambda: None)() == 0 and len(self.state_shape) == len(getattr(local, "state_shape", ()))
         mine = local.trace_blocks() if first else None
         every: list[Any] = [None] * len(self.shard_dims)
         dist.all_gather_object(every, mine, group=self.group)
-        return every[0] if every[0] is not None and all(r == every[0] for r in every) else None
+        R = every[0] if every[0] is not None and all(r == every[0] for r in every) else None
+        if shared is not None:
+            shared[("blocks", self)] = R
+        return R
 
     def block_sqnorms(self, X: torch.Tensor) -> torch.Tensor:
         """``Σ_b ‖J_bᵀx_b‖²`` over every rank's examples: the local sums, all-reduced."""
         if self.trace_blocks() is None:
-            raise RuntimeError("this kernel's trace does not separate over per-example blocks (trace_blocks() is None)")
+            raise RuntimeError(self.NO_BLOCKS)
         self._check_executor()
         if X.dim() != 2 or X.shape[0] != self.dim:
             raise ValueError(f"Σ_b ‖J_bᵀ·V_b‖²: expected shape ({self.dim}, m), got {tuple(X.shape)}")
-        local: torch.Tensor | None = None
-        error: BaseException | None = None
-        try:
-            local = self.local.block_sqnorms(X[self.offset : self.offset + self.local.dim])
-        except Exception as e:
-            error = e
-        out = self._collect("all_reduce", local, error, X.shape[1])
+        out = self._run_local("all_reduce", lambda: self.local.block_sqnorms(X[self.offset : self.offset + self.local.dim]), X.shape[1])
         self.vjp_count += X.shape[1]
         return out[:-1].to(torch.float64)
 
     def block_basis(self, start: int, stop: int) -> torch.Tensor:
-        R = self.trace_blocks()
-        if R is None:
-            raise RuntimeError("this kernel's trace does not separate over per-example blocks (trace_blocks() is None)")
-        entries = torch.arange(self.dim, device=self.device).reshape(-1, R)[:, start:stop]
-        E = torch.zeros(self.dim, stop - start, dtype=self.dtype, device=self.device)
-        E[entries, torch.arange(stop - start, device=self.device)] = 1
-        return E
+        if self.trace_blocks() is None:
+            raise RuntimeError(self.NO_BLOCKS)
+        return self._block_basis(0, start, stop)
+
+    def _run_local(self, kind: str, fn: Callable[[], torch.Tensor], numel: int) -> torch.Tensor:
+        """``fn()`` on this rank's shard, timed as compute, then ``kind`` over the group: a failure
+        on any rank is agreed on there (:meth:`_collect`)."""
+        t0 = time.perf_counter()
+        local: torch.Tensor | None = None
+        error: BaseException | None = None
+        try:
+            local = fn()
+        except Exception as e:
+            error = e
+        self.stats.compute_s += time.perf_counter() - t0
+        return self._collect(kind, local, error, numel)
 
     def _vjp(self, V: torch.Tensor) -> torch.Tensor:
         """``Jᵀ V = Σ_r J_rᵀ V_r``: local VJP of this rank's slice, all-reduced."""
         self._check_executor()
         m = V.shape[1]
-        t0 = time.perf_counter()
-        local: torch.Tensor | None = None
-        error: BaseException | None = None
-        try:
-            local = self.local.vjp(V[self.offset : self.offset + self.local.dim])
-        except Exception as e:
-            error = e
-        self.stats.compute_s += time.perf_counter() - t0
-        out = self._collect("all_reduce", local, error, self.num_params * m)
+        out = self._run_local("all_reduce", lambda: self.local.vjp(V[self.offset : self.offset + self.local.dim]), self.num_params * m)
         return out[:-1].reshape(self.num_params, m).to(V.device)
 
     def _jvp(self, U: torch.Tensor) -> torch.Tensor:
@@ -497,17 +499,14 @@ class ShardedNTK(FactoredKernel):
         self._check_executor()
         m = U.shape[1]
         top = max(self.shard_dims)
-        t0 = time.perf_counter()
-        local: torch.Tensor | None = None
-        error: BaseException | None = None
-        try:
+
+        def padded() -> torch.Tensor:
             rows = self.local.jvp(U)
             local = torch.zeros(top, m, dtype=self.dtype, device=rows.device)
             local[: rows.shape[0]] = rows
-        except Exception as e:
-            error = e
-        self.stats.compute_s += time.perf_counter() - t0
-        parts = self._collect("all_gather", local, error, top * m)
+            return local
+
+        parts = self._run_local("all_gather", padded, top * m)
         blocks = [p[:-1].reshape(top, m)[:d] for p, d in zip(parts, self.shard_dims)]
         return torch.cat(blocks, 0).to(U.device)
 

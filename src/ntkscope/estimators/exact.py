@@ -133,14 +133,19 @@ def block_trace(op: FactoredKernel) -> float:
     return float(map_probes(R, _chunk(op), lambda s, e: op.block_sqnorms(op.block_basis(s, e)).cpu()).sum())
 
 
-def _block_trace(op: FactoredKernel) -> float | None:
-    """:func:`block_trace` where the blocks exist and hold fewer entries than ``min(D, P)``, the
-    plain basis's passes; else None."""
+def block_trace_passes(op: FactoredKernel) -> int | None:
+    """``R`` where the exact trace over per-example blocks costs fewer passes than the plain
+    basis's ``min(D, P)``, else None (without looking for blocks where no block basis could)."""
     axis_sizes = getattr(op, "state_shape", ()) or (op.dim,)
-    if op.dim // max(axis_sizes) >= min(op.dim, op.num_params):  # no block basis can be smaller: no need to look
+    if op.dim // max(axis_sizes) >= min(op.dim, op.num_params):
         return None
     R = op.trace_blocks()
-    if R is None or R >= min(op.dim, op.num_params):
+    return R if R is not None and R < min(op.dim, op.num_params) else None
+
+
+def _block_trace(op: FactoredKernel) -> float | None:
+    """:func:`block_trace` where it is the cheaper exact trace (:func:`block_trace_passes`), else None."""
+    if block_trace_passes(op) is None:
         return None
     try:
         return block_trace(op)

@@ -18,6 +18,7 @@ from .. import estimators as est
 from ..core import executor
 from ..core.linalg import nystrom_from_sketch
 from ..core.probes import Probe, ProbeStream, Stream
+from ..estimators.exact import block_trace_passes
 from ..operators.base import FactoredKernel, KernelOperator
 from .methods import EXACT_MAX_ENTRIES, ONE_SIDED, Method
 
@@ -128,7 +129,7 @@ def _choose(
             return Method.EXACT, f"dim {n} ≤ budget {num_probes}: the exact kernel is cheaper"
         return Method.HUTCHPP, "only K-matvecs are available (no factor J): Hutch++ is the safe two-sided choice"
     fops = [o for o in ops if isinstance(o, FactoredKernel)]
-    if quantity == "trace" and len(fops) == 1 and (R := fops[0].trace_blocks()) is not None and R < min(fops[0].dim, fops[0].num_params):
+    if quantity == "trace" and len(fops) == 1 and (R := block_trace_passes(fops[0])) is not None:
         G = fops[0].dim // R
         if R <= num_probes:
             return Method.EXACT, f"the trace separates over {G} per-example blocks: exact in {R} VJP passes, within the {num_probes}-pass budget"

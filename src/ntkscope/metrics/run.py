@@ -21,6 +21,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ from ..core.estimate import Estimate
 from ..core.jackknife import combine, dof
 from ..core.linalg import NONFINITE_PRODUCTS
 from ..core.probes import Probe, parse_probe, resolve_seed
+from ..estimators import exact as ex
 from ..operators.base import FactoredKernel, KernelOperator, as_operator
 from . import adaptive as adapt
 from . import auto
@@ -157,14 +159,15 @@ class _Run:
         self.run_ops = self.ops
         self.before = [o.counts() for o in self.distinct]
 
-    @property
+    @cached_property
     def exact_cost(self) -> int:
         """Passes (products, for a kernel without a factor) of the exact value: ``Σ min(D, P)``,
-        or a trace's ``R`` VJPs over per-example blocks (:meth:`FactoredKernel.trace_blocks`)."""
+        or a trace's ``R`` VJPs over per-example blocks (:meth:`FactoredKernel.trace_blocks`);
+        found once per run (its kernels cannot change during it)."""
         if self.quantity.trace_only and len(self.distinct) == 1 and isinstance(o := self.distinct[0], FactoredKernel):
-            blocks = o.trace_blocks()
+            blocks = ex.block_trace_passes(o)
             if blocks is not None:
-                return min(blocks, o.dim, o.num_params)
+                return blocks
         return sum(min(o.dim, o.num_params) if isinstance(o, FactoredKernel) else o.dim for o in self.distinct)
 
     def exact_fits(self) -> bool:

@@ -117,6 +117,9 @@ class FactoredKernel(KernelOperator):
         """Numbers per row of :meth:`gram_rows` (what a stored probe costs)."""
         return self.num_params if side == "vjp" else self.dim
 
+    #: Raised by :meth:`block_sqnorms` and :meth:`block_basis` where :meth:`trace_blocks` is None.
+    NO_BLOCKS = "this kernel's trace does not separate over per-example blocks (trace_blocks() is None)"
+
     def trace_blocks(self) -> int | None:
         """``R`` where the VJP side's one-sided trace separates over ``G = D / R`` diagonal blocks
         of K, one per example: ``tr K = Σ_b tr K_bb`` with the samples of :meth:`block_sqnorms`,
@@ -126,12 +129,20 @@ class FactoredKernel(KernelOperator):
     def block_sqnorms(self, X: torch.Tensor) -> torch.Tensor:
         """Per-column ``Σ_b ‖J_bᵀx_b‖²`` (float64) over the blocks of :meth:`trace_blocks`, counted
         as VJP passes; raises ``RuntimeError`` where they cannot be had."""
-        raise RuntimeError(f"{type(self).__name__} has no per-example blocks")
+        raise RuntimeError(self.NO_BLOCKS)
 
     def block_basis(self, start: int, stop: int) -> torch.Tensor:
         """Columns ``start … stop−1`` of the ``R`` probes that hold a 1 at the same position of
         every block of :meth:`trace_blocks`: ``Σ`` of their :meth:`block_sqnorms` is ``tr K``."""
-        raise RuntimeError(f"{type(self).__name__} has no per-example blocks")
+        raise RuntimeError(self.NO_BLOCKS)
+
+    def _block_basis(self, axis: int, start: int, stop: int) -> torch.Tensor:
+        """:meth:`block_basis` for blocks along state axis ``axis`` (``state_shape``)."""
+        shape = tuple(getattr(self, "state_shape", (self.dim,)))
+        entries = torch.arange(self.dim, device=self.device).reshape(shape).movedim(axis, -1).reshape(-1, shape[axis])
+        E = torch.zeros(self.dim, stop - start, dtype=self.dtype, device=self.device)
+        E[entries[start:stop].T, torch.arange(stop - start, device=self.device)] = 1
+        return E
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         return self.jvp(self.vjp(V))

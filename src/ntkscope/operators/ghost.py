@@ -189,7 +189,7 @@ class GhostNorms:
             return z
 
         pull = vjp(fn, *free, *taps)[1]
-        acc = torch.float32 if dtype not in (torch.float32, torch.float64) else dtype
+        acc = _accumulation_dtype(dtype)
         rows = [torch.cat([inputs[i] for i in layer.calls]) for layer in self.layers]
         rows = [X if layer.kind == "embedding" else X.to(acc) for X, layer in zip(rows, self.layers)]  # token ids stay integers
         return GhostPass(pull, rows, [layer.bias for layer in self.layers])
@@ -200,7 +200,7 @@ class GhostNorms:
         parts = vmap(p.pull)(rows)
         k = len(self.free)
         deltas = []
-        acc = torch.float32 if rows.dtype not in (torch.float32, torch.float64) else rows.dtype
+        acc = _accumulation_dtype(rows.dtype)
         for layer in self.layers:
             blocks = [parts[k + i].reshape(m, -1, layer.out) for i in layer.calls]
             deltas.append((blocks[0] if len(blocks) == 1 else torch.cat(blocks, 1)).to(acc))
@@ -296,7 +296,7 @@ class GhostNorms:
                 total += torch.linalg.vector_norm(rows_b.reshape(m, -1), dim=1).square().to(torch.float64)
                 continue
             if layer.kind == "norm":  # the example's gradients themselves: Σ_r Δ_r ⊙ x̂_r (weight) and Σ_r Δ_r (bias)
-                d = delta if rb.order is None else torch.cat([delta, delta.new_zeros(m, 1, delta.shape[-1])], 1)[:, rb.order]
+                d = rb.rows(delta, dim=1)
                 w = (d * A).sum(2) if rb.order is not None else d * A  # (m, G, width); A: x̂ rows in block order
                 total += torch.linalg.vector_norm(w.reshape(m, -1), dim=1).square().to(torch.float64)
                 if layer.bias:
@@ -306,7 +306,7 @@ class GhostNorms:
             if rb.order is None:  # one live row per block, in block order
                 total += (torch.linalg.vector_norm(delta, dim=-1).square() @ A).to(torch.float64)
                 continue
-            d = torch.cat([delta, delta.new_zeros(m, 1, delta.shape[-1])], 1)[:, rb.order]  # (m, G, T, out); pads read the zero row
+            d = rb.rows(delta, dim=1)  # (m, G, T, out); pads read a zero row
             T, out = d.shape[2], d.shape[3]
             if T == 1:
                 total += (torch.linalg.vector_norm(d[:, :, 0], dim=-1).square() @ A.reshape(-1)).to(torch.float64)
@@ -342,10 +342,13 @@ class _RowBlocks:
         order[b, pos] = rows
         return _RowBlocks(order)
 
-    def rows(self, X: torch.Tensor) -> torch.Tensor:
-        """``X``'s rows in block order (``G × T × ·``, pads zero; ``X`` itself where the rows are
-        the blocks)."""
-        return X if self.order is None else torch.cat([X, X.new_zeros(1, X.shape[1])])[self.order]
+    def rows(self, X: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """``X``'s rows (along ``dim``) in block order (``G × T`` there, pads zero; ``X`` itself
+        where the rows are the blocks)."""
+        if self.order is None:
+            return X
+        pad = X.new_zeros(*X.shape[:dim], 1, *X.shape[dim + 1 :])
+        return torch.cat([X, pad], dim).index_select(dim, self.order.reshape(-1)).unflatten(dim, tuple(self.order.shape))
 
     def segments(self, ids: torch.Tensor) -> torch.Tensor:
         """An embedding's rows numbered by (example, token): rows of one example holding the same
@@ -402,6 +405,11 @@ class GhostPass:
                 lam, Q = torch.linalg.eigh(A.to(torch.float64))
                 self._roots.append(((Q * lam.clamp(min=0).sqrt()) @ Q.T).to(A.dtype))
         return self._roots
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the ghost Grams and cotangents are formed in: float32 at least."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
 def _is_conv1d(m: nn.Module) -> bool:

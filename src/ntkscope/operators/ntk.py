@@ -272,6 +272,7 @@ class NTK(FactoredKernel):
             self._f, self.primals, flat_ruled, self.dim, generic_chunk, jvp_path, vjp_path, ruled_chunk_size=ruled_chunk, ghost=ghost
         )
         self._pass_seconds: dict[str, float] = {}
+        self._example_ids_cache: dict[int, torch.Tensor] = {}
 
     def _first_forward(self, fn: Callable[..., torch.Tensor], what: str, fixed: dict[str, torch.Tensor]) -> torch.Tensor:
         """``fn(*primals)``, refusing writes into the user's tensors: the primals and ``fixed`` are
@@ -354,8 +355,9 @@ class NTK(FactoredKernel):
         out = {k: p.name if p else None for k, p in self._evaluator.paths.items()}
         if self._evaluator.ghost_ok:
             out["vjp-norms"] = self._evaluator.ghost_path
-        if self._evaluator.blocks_ok:
-            out["vjp-trace"] = f"per-example blocks ({self.state_shape[self._example_axis() or 0]} over state axis {self._example_axis()})"
+        axis = self._example_axis()
+        if self._evaluator.blocks_ok and axis is not None:
+            out["vjp-trace"] = f"per-example blocks ({self.state_shape[axis]} over state axis {axis})"
         return out
 
     @property
@@ -407,16 +409,15 @@ class NTK(FactoredKernel):
 
     def _example_ids(self, axis: int) -> torch.Tensor:
         """Each state entry's example (flat order), kept per axis."""
-        cache: dict[int, torch.Tensor] = self.__dict__.setdefault("_example_ids_cache", {})
-        if axis not in cache:
+        if axis not in self._example_ids_cache:
             shape = self.state_shape
             ids = torch.arange(shape[axis], device=self.device).reshape([-1 if i == axis else 1 for i in range(len(shape))])
-            cache[axis] = ids.expand(shape).reshape(-1)
-        return cache[axis]
+            self._example_ids_cache[axis] = ids.expand(shape).reshape(-1)
+        return self._example_ids_cache[axis]
 
     def block_sqnorms(self, X: torch.Tensor) -> torch.Tensor:
         if self.trace_blocks() is None:
-            raise RuntimeError("this kernel's trace does not separate over per-example blocks (trace_blocks() is None)")
+            raise RuntimeError(self.NO_BLOCKS)
         X, _ = _as_block(X, self.dim, "Σ_b ‖J_bᵀ·V_b‖²")
         out = self._evaluator.block_sqnorms(X.to(device=self.device, dtype=self.dtype).T.contiguous())
         if out is None:
@@ -427,12 +428,8 @@ class NTK(FactoredKernel):
     def block_basis(self, start: int, stop: int) -> torch.Tensor:
         axis = self._example_axis()
         if self.trace_blocks() is None or axis is None:
-            raise RuntimeError("this kernel's trace does not separate over per-example blocks (trace_blocks() is None)")
-        G = self.state_shape[axis]
-        entries = torch.arange(self.dim, device=self.device).reshape(self.state_shape).movedim(axis, -1).reshape(-1, G)
-        E = torch.zeros(self.dim, stop - start, dtype=self.dtype, device=self.device)
-        E[entries[start:stop].T, torch.arange(stop - start, device=self.device)] = 1
-        return E
+            raise RuntimeError(self.NO_BLOCKS)
+        return self._block_basis(axis, start, stop)
 
     def gram_rows(self, side: str, X: torch.Tensor) -> torch.Tensor:
         """Rows with the inner products of ``JᵀX``'s columns (or ``JX``'s): on the VJP side,
